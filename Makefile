@@ -35,13 +35,20 @@ data:
 test: install data lint
 	$(PY) -m pytest
 
+# The embedded default: Fashion-MNIST, PreAct-ResNet-18 (width 8), one record per attack (cached in
+# records/), FIRE's report and the latency benchmarks (results/). The full leaderboard against the
+# other runtime defenses arrives with issues 5 and 6.
+RECORDS ?= records
+RESULTS ?= results
+BENCH_ATTACKS ?= badnet,blended,sig,wanet
+
 bench: install data
-	@echo "make bench: the benchmark (issue 6) is not built yet. When it is, this target will build the"
-	@echo "embedded default records (Fashion-MNIST, PreAct-ResNet-18, BadNets/Blended/SIG/WaNet) if missing,"
-	@echo "run the default grid of FIRE and the runtime baselines, and write leaderboards and plots to results/."
+	$(PY) -m fire_adapters make-records --dataset fashionmnist --attacks $(BENCH_ATTACKS) --out $(RECORDS)
+	$(PY) -m fire_bench fire-report --records $(RECORDS) --out $(RESULTS)/fire
+	FIRE_RESULTS=$(RESULTS) $(PY) -m pytest benchmarks/latency -q -o python_files='bench_*.py' -p no:cacheprovider
 
 lint: install
-	$(VENV)/bin/ruff check fire_defense adapters tests && $(VENV)/bin/ruff format --check fire_defense adapters tests
+	$(VENV)/bin/ruff check fire_defense adapters benchmarks tests && $(VENV)/bin/ruff format --check fire_defense adapters benchmarks tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -7,10 +7,13 @@ import sys
 from collections import Counter
 from collections.abc import Sequence
 
+from fire_adapters.attacks import list_attacks
 from fire_adapters.datasets import DATASETS, DatasetNotFoundError, find_dataset
+from fire_adapters.factory import RecordRecipe, make_records
 from fire_adapters.models import list_models
 from fire_adapters.records import load_record
-from fire_defense import FireDefenseError
+from fire_adapters.training import TrainConfig
+from fire_defense.errors import run_cli
 
 
 def _datasets(args: argparse.Namespace) -> None:
@@ -43,6 +46,33 @@ def _record_info(args: argparse.Namespace) -> None:
         print(f"other keys     {', '.join(sorted(map(str, record.metadata)))}")
 
 
+def _make_records(args: argparse.Namespace) -> None:
+    schedule = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    recipes = [
+        RecordRecipe(dataset=dataset, attack=attack, model=args.model, seed=seed, train=schedule)
+        for dataset in args.dataset.split(",")
+        for attack in args.attacks.split(",")
+        for seed in args.seeds
+    ]
+    made = make_records(recipes, args.out, args.data, args.device, args.overwrite)
+    print(f"{'record':48s} {'clean acc':>9s} {'ASR':>7s} {'RA':>7s} {'train s':>8s}")
+    for record in made:
+        m = record.metrics
+        note = " (cached)" if record.cached else ""
+        print(
+            f"{record.recipe.name:48s} {100 * m['test_acc']:8.2f}% {100 * m['test_asr']:6.2f}% "
+            f"{100 * m['test_ra']:6.2f}% {record.train_seconds:8.0f}{note}"
+        )
+    print(f"records in {args.out}")
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"seeds must be comma-separated integers, got {text!r}") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fire-adapters", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -56,13 +86,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     info.add_argument("record", help="the record folder (record/<name>)")
     info.add_argument("--data", help="where the clean dataset is (searched first)")
     info.set_defaults(run=_record_info)
+    make = commands.add_parser("make-records", help="train backdoored models and save them as BackdoorBench records")
+    make.add_argument("--dataset", default="fashionmnist", help="dataset name(s), comma-separated")
+    make.add_argument(
+        "--attacks", default="badnet,blended,sig,wanet", help=f"comma-separated; from {', '.join(list_attacks())}"
+    )
+    defaults = RecordRecipe("", "")
+    make.add_argument("--model", default=defaults.model, help="zoo model name")
+    make.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default 0)")
+    make.add_argument("--epochs", type=int, default=defaults.train.epochs)
+    make.add_argument("--batch-size", type=int, default=defaults.train.batch_size)
+    make.add_argument("--lr", type=float, default=defaults.train.lr, help="peak one-cycle learning rate")
+    make.add_argument("--out", default="records", help="folder for the records (default: records/)")
+    make.add_argument("--data", help="where the datasets are (searched first)")
+    make.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    make.add_argument("--overwrite", action="store_true", help="rebuild records that exist")
+    make.set_defaults(run=_make_records)
     args = parser.parse_args(argv)
-    try:
-        args.run(args)
-    except FireDefenseError as error:
-        print(f"fire-adapters: error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli("fire-adapters", lambda: args.run(args))
 
 
 if __name__ == "__main__":

@@ -330,7 +330,7 @@ def _read_idx(path: Path | None, ndim: int) -> np.ndarray:
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     if len(data) - header != int(np.prod(shape)):
         raise FireDefenseError(f"{path} is truncated: its header says {shape} but it holds {len(data) - header} bytes.")
-    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape).copy()  # writable, like every loader
 
 
 class CifarPickleLayout(Layout):

@@ -283,6 +283,7 @@ def save_record(
     poisoned_train: ImageSet | None = None,
     train_size: int | None = None,
     metadata: Mapping[str, Any] | None = None,
+    extra_files: Mapping[str, str] | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a record in BackdoorBench's layout, atomically (a crash leaves no half-written record).
@@ -301,6 +302,7 @@ def save_record(
         poisoned_train: Poisoned training images likewise (their PNGs and state go in ``bd_train``), or ``None``.
         train_size: Length of the clean training split (needed with ``poisoned_train``).
         metadata: Extra keys for ``attack_result.pt`` (plain values, numpy arrays and tensors only).
+        extra_files: Text files to write into the record folder with it (name -> content), e.g. summaries.
         overwrite: Replace an existing record.
 
     Returns:
@@ -343,6 +345,8 @@ def save_record(
             **dict(metadata or {}),
         }
         torch.save(content, staging / RECORD_FILE)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
         if record_dir.exists():
             shutil.rmtree(record_dir)
         os.replace(staging, record_dir)

@@ -1,11 +1,14 @@
-"""The error types this project raises on bad input.
+"""The error types this project raises on bad input, and how command lines report them.
 
 Every one carries a single line that names the problem and the fix, so that a
 command-line entry point can print ``str(error)`` and exit instead of showing a
 traceback from deep inside torch.
 """
 
-__all__ = ["FireDefenseError", "UnknownNameError"]
+import sys
+from collections.abc import Callable
+
+__all__ = ["FireDefenseError", "NotFittedError", "UnknownNameError", "run_cli"]
 
 
 class FireDefenseError(Exception):
@@ -14,3 +17,17 @@ class FireDefenseError(Exception):
 
 class UnknownNameError(FireDefenseError, ValueError):
     """A name (model, dataset, defense, ...) that no registry knows."""
+
+
+class NotFittedError(FireDefenseError):
+    """An estimator was used before it was fitted."""
+
+
+def run_cli(prog: str, command: Callable[[], object]) -> int:
+    """Run a command-line action: 0 on success; a :class:`FireDefenseError` is one line on stderr and status 2."""
+    try:
+        command()
+    except FireDefenseError as error:
+        print(f"{prog}: error: {error}", file=sys.stderr)
+        return 2
+    return 0

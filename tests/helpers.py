@@ -144,3 +144,36 @@ def write_tiny_dataset(root: Path, reorganised_val: bool) -> dict:
     if not reorganised_val:
         (base / "val" / "val_annotations.txt").write_text("".join(f"{f}\t{w}\t0\t0\t63\t63\n" for f, w in val))
     return {"wnids": wnids, "val": val}
+
+
+def write_fake_record(
+    root: Path, name: str = "badnet_demo", n_train: int = 200, n_test: int = 120, seed: int = 0
+) -> Path:
+    """A small BackdoorBench-layout root (``data/fashionmnist`` + ``record/<name>``) with an untrained model.
+
+    The record is real in format (a BadNets patch on 10% of training and every non-target test image),
+    not in behaviour: the model is freshly initialised. Returns the record folder.
+    """
+    import torch
+
+    from fire_adapters import create_model, load_dataset, save_record
+    from fire_adapters.attacks import create_attack
+
+    write_idx_dataset(root / "data" / "fashionmnist", n_train=n_train, n_test=n_test, seed=seed)
+    train = load_dataset("fashionmnist", "train", root=root / "data")
+    test = load_dataset("fashionmnist", "test", root=root / "data")
+    attack = create_attack("badnet", "fashionmnist", seed=seed)
+    positions = attack.train_positions(train.labels)
+    torch.manual_seed(seed)
+    return save_record(
+        root / "record" / name,
+        model=create_model("preactresnet18_w8", 10),
+        model_name="preactresnet18_w8",
+        num_classes=10,
+        dataset="fashionmnist",
+        poisoned_test=attack.poison(test, attack.test_positions(test.labels)),
+        test_size=len(test),
+        poisoned_train=attack.poison(train, positions),
+        train_size=len(train),
+        metadata={"attack": "badnet", "attack_params": attack.params(), "attack_state": {}},
+    )

@@ -52,12 +52,14 @@ def test_device_selection():
 
 
 def test_installed_import_names_do_not_shadow_other_packages():
-    """`adapters/` ships as `fire_adapters`: a top-level `adapters` would hide the PyPI package of that name."""
+    """`adapters/` ships as `fire_adapters` (a top-level `adapters` would hide the PyPI package of that name),
+    `benchmarks/` as `fire_bench`."""
     top_level = set(metadata.distribution("fire-defense").read_text("top_level.txt").split())
-    assert top_level == {"fire_adapters", "fire_defense"}
-    code = "import importlib.util as u; print(u.find_spec('adapters') is None, u.find_spec('fire_adapters') is None)"
+    assert top_level == {"fire_adapters", "fire_bench", "fire_defense"}
+    names = ("adapters", "benchmarks", "fire_adapters", "fire_bench")
+    code = f"import importlib.util as u; print([u.find_spec(n) is not None for n in {names}])"
     found = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert found.split() == ["True", "False"]  # from outside the checkout (conftest's working directory)
+    assert found.strip() == "[False, False, True, True]"  # from outside the checkout (conftest's working directory)
 
 
 def test_core_does_not_import_the_adapters():

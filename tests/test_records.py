@@ -193,7 +193,7 @@ def test_save_is_atomic_and_never_overwrites_silently(bench, tmp_path, monkeypat
 def test_save_rejects_what_could_not_be_loaded_again(bench, tmp_path):
     good = _small_record(bench)
     with pytest.raises(FireDefenseError, match="not a zoo name"):
-        save_record(tmp_path / "a", **{**good, "model_name": "preactresnet18_w16"})
+        save_record(tmp_path / "a", **{**good, "model_name": "preactresnet18_w12"})
     with pytest.raises(FireDefenseError, match="needs targets"):
         save_record(tmp_path / "b", **{**good, "poisoned_test": bench["test"].subset([1, 2])})
     with pytest.raises(FireDefenseError, match=r"indices must lie in \[0, 2\)"):

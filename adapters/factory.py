@@ -1,0 +1,198 @@
+"""Backdoored models made to order, saved as BackdoorBench records: the embedded default and its kin.
+
+A :class:`RecordRecipe` names everything a record is made from (dataset, model, attack and its
+parameters, seed, training schedule); :func:`make_record` trains the model, evaluates the attack
+with the shared :func:`~fire_adapters.training.evaluate`, and writes the record with
+BackdoorBench-style ``attack_df.csv`` / ``attack_df_summary.csv``. A finished record is never
+rebuilt: the recipe is stored in it and compared on the next call; records are written
+atomically, so an interrupted build leaves nothing that looks finished.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from fire_adapters.attacks import Attack, create_attack
+from fire_adapters.datasets import get_dataset_spec, load_dataset
+from fire_adapters.models import create_model
+from fire_adapters.preprocess import with_normalization
+from fire_adapters.records import RECORD_FILE, Record, save_record
+from fire_adapters.safe_load import safe_torch_load
+from fire_adapters.training import TrainConfig, evaluate, train_backdoored_model
+from fire_defense import FireDefenseError
+
+__all__ = ["MadeRecord", "RecordRecipe", "load_attack", "make_record", "make_records", "summary_csv"]
+
+METRICS = ("test_acc", "test_asr", "test_ra")
+
+
+@dataclass(frozen=True)
+class RecordRecipe:
+    """Everything a backdoored-model record is made from.
+
+    Attributes:
+        dataset: Dataset name.
+        attack: Attack name.
+        model: Zoo model name.
+        seed: Seeds the poisoned samples, the trigger, the model's initialisation and training.
+        attack_params: Keyword arguments for the attack beyond its defaults.
+        train: The training schedule.
+    """
+
+    dataset: str
+    attack: str
+    model: str = "preactresnet18_w8"
+    seed: int = 0
+    attack_params: Mapping[str, Any] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    @property
+    def name(self) -> str:
+        """The record's folder name."""
+        return f"{self.dataset}_{self.model}_{self.attack}_seed{self.seed}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "attack_params": dict(self.attack_params), "train": self.train.as_dict()}
+
+
+@dataclass(frozen=True)
+class MadeRecord:
+    """A record :func:`make_record` built or found: where, the attack's metrics, and the training time."""
+
+    path: Path
+    recipe: RecordRecipe
+    metrics: dict[str, float]
+    train_seconds: float
+    cached: bool
+
+
+def _csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str], index: Sequence[str] | None = None) -> str:
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["", *columns] if index else columns)
+    for i, row in enumerate(rows):
+        values = [row.get(c, "") for c in columns]
+        writer.writerow([index[i], *values] if index else values)
+    return out.getvalue()
+
+
+def summary_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """BackdoorBench's ``*_df_summary.csv``: rows ``last``, ``valid_max``, ``exist_nan_value`` per column."""
+
+    def column(name: str) -> list[float]:
+        return [float(r[name]) for r in rows if r.get(name, "") != ""]
+
+    last = {c: column(c)[-1] if column(c) else "" for c in columns}
+    valid = {c: max((v for v in column(c) if v == v), default="") for c in columns}
+    nan = {c: any(v != v for v in column(c)) for c in columns}
+    return _csv([last, valid, nan], columns, index=["last", "valid_max", "exist_nan_value"])
+
+
+def load_attack(record: Record) -> Attack:
+    """The attack that made ``record`` (for a record made here), with its trigger state restored."""
+    meta = record.metadata
+    if "attack_params" not in meta:
+        raise FireDefenseError(f"{record.path} holds no attack parameters; only records made by make-records do.")
+    params = dict(meta["attack_params"])
+    attack = create_attack(meta["attack"], params.pop("dataset"), **params)
+    return attack.load_state_dict(meta.get("attack_state", {}))
+
+
+def _cached(path: Path, recipe: RecordRecipe) -> MadeRecord | None:
+    if not (path / RECORD_FILE).is_file():
+        return None
+    stored = safe_torch_load(path / RECORD_FILE)
+    if stored.get("recipe") != recipe.as_dict():
+        raise FireDefenseError(
+            f"{path} was made from another recipe ({stored.get('recipe')}); pass overwrite=True (--overwrite) "
+            "to rebuild it, or choose another output folder."
+        )
+    return MadeRecord(path, recipe, dict(stored["attack_metrics"]), float(stored["train_seconds"]), cached=True)
+
+
+def make_record(
+    recipe: RecordRecipe,
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MadeRecord:
+    """Train a backdoored model as ``recipe`` says and save it as a record in ``out_dir/<recipe.name>``.
+
+    Returns the existing record instead if one made from the same recipe is there.
+
+    Raises:
+        FireDefenseError: a record of that name was made from another recipe (and ``overwrite`` is off).
+    """
+    path = Path(out_dir) / recipe.name
+    if not overwrite and (found := _cached(path, recipe)) is not None:
+        return found
+    spec = get_dataset_spec(recipe.dataset)
+    train = load_dataset(spec, "train", root=data_root)
+    test = load_dataset(spec, "test", root=data_root)
+    attack = create_attack(recipe.attack, spec, seed=recipe.seed, **recipe.attack_params)
+    positions = attack.train_positions(train.labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        model = create_model(recipe.model, spec.num_classes)
+    history = train_backdoored_model(model, attack, train, positions, recipe.train, recipe.seed, device, progress)
+    poisoned_test = attack.poison(test, attack.test_positions(test.labels))
+    metrics = evaluate(with_normalization(model, spec), test, poisoned_test, device)
+    seconds = sum(row["seconds"] for row in history)
+    history[-1].update(metrics)
+    columns = ["epoch", "train_loss", "train_acc", *METRICS, "seconds"]
+    save_record(
+        path,
+        model=model,
+        model_name=recipe.model,
+        num_classes=spec.num_classes,
+        dataset=spec,
+        poisoned_test=poisoned_test,
+        test_size=len(test),
+        # A static trigger poisoned a fixed set of training samples; a learned one poisoned every batch anew.
+        poisoned_train=attack.poison(train, positions) if attack.static_trigger else None,
+        train_size=len(train),
+        metadata={
+            "attack": attack.name,
+            "attack_params": attack.params(),
+            "attack_state": attack.state_dict(),
+            "recipe": recipe.as_dict(),
+            "attack_metrics": metrics,
+            "train_seconds": seconds,
+        },
+        extra_files={"attack_df.csv": _csv(history, columns), "attack_df_summary.csv": summary_csv(history, columns)},
+        overwrite=overwrite,
+    )
+    return MadeRecord(path, recipe, metrics, seconds, cached=False)
+
+
+def make_records(
+    recipes: Sequence[RecordRecipe],
+    out_dir: str | Path,
+    data_root: str | Path | None = None,
+    device: torch.device | str | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[MadeRecord]:
+    """:func:`make_record` for each recipe in turn, with an overall progress bar; finished ones are kept."""
+    made = []
+    for recipe in tqdm(recipes, desc="records", unit="record", disable=not progress or len(recipes) < 2):
+        started = time.perf_counter()
+        made.append(make_record(recipe, out_dir, data_root, device, overwrite, progress))
+        if progress and not made[-1].cached:
+            tqdm.write(f"{recipe.name}: {_format(made[-1].metrics)} in {time.perf_counter() - started:.0f} s")
+    return made
+
+
+def _format(metrics: Mapping[str, float]) -> str:
+    return ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items())

@@ -1,0 +1,183 @@
+"""One trainer for backdoored models, and the evaluation every later step shares.
+
+SGD with Nesterov momentum and a one-cycle learning rate, on batches augmented as BackdoorBench
+trains (random crop with 4 pixels of zero padding; horizontal flip on CIFAR-10 only). Poisoned
+samples carry the attack's trigger and target label; attacks whose trigger is learned or
+randomised per batch (Input-aware, WaNet's noise mode) adjust each batch through
+:meth:`Attack.training_batch`. Everything random is drawn from generators seeded by ``seed``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from fire_adapters.attacks.base import Attack
+from fire_adapters.datasets import ImageSet
+from fire_adapters.preprocess import to_tensor, with_normalization
+from fire_defense import FireDefenseError, resolve_device
+from fire_defense.metrics import backdoor_metrics, predict
+
+__all__ = ["TrainConfig", "augment", "evaluate", "train_backdoored_model"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a backdoored model is trained.
+
+    Attributes:
+        epochs: Passes over the (poisoned) training set.
+        batch_size: Samples per step.
+        lr: Peak learning rate of the one-cycle schedule.
+        momentum: SGD (Nesterov) momentum.
+        weight_decay: L2 penalty.
+    """
+
+    epochs: int = 4
+    batch_size: int = 128
+    lr: float = 0.2
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise FireDefenseError(f"epochs and batch_size must be >= 1 and lr > 0; got {self}.")
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Random crop of each image from its zero-padded copy (and a random horizontal flip)."""
+    n, _, height, width = images.shape
+    if padding:
+        padded = F.pad(images, (padding,) * 4)
+        dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator).to(images.device)
+        rows = (dy[:, None] + torch.arange(height, device=images.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width, device=images.device))[:, None, None, :]
+        batch = torch.arange(n, device=images.device)[:, None, None, None]
+        channel = torch.arange(images.shape[1], device=images.device)[None, :, None, None]
+        images = padded[batch, channel, rows, cols]
+    if flip:
+        flipped = (torch.rand(n, generator=generator) < 0.5).to(images.device)
+        images = torch.where(flipped[:, None, None, None], images.flip(-1), images)
+    return images
+
+
+@torch.inference_mode()
+def evaluate(
+    classifier: nn.Module,
+    clean: ImageSet,
+    poisoned: ImageSet,
+    device: torch.device | str | None = None,
+    batch_size: int = 512,
+) -> dict[str, float]:
+    """``test_acc`` on ``clean``, ``test_asr`` and ``test_ra`` on ``poisoned``, for a classifier of [0, 1] images."""
+    if poisoned.targets is None:
+        raise FireDefenseError("the poisoned set has no targets (the attacker's labels).")
+    device = resolve_device(device)
+    classifier = classifier.to(device).eval()
+    clean_pred = predict(classifier, to_tensor(clean.images), batch_size, device)
+    poisoned_pred = predict(classifier, to_tensor(poisoned.images), batch_size, device)
+    return backdoor_metrics(clean_pred, clean.labels, poisoned_pred, poisoned.labels, poisoned.targets)
+
+
+def train_backdoored_model(
+    model: nn.Module,
+    attack: Attack,
+    train: ImageSet,
+    positions: np.ndarray,
+    config: TrainConfig,
+    seed: int = 0,
+    device: torch.device | str | None = None,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Train ``model`` (normalised inputs, as in BackdoorBench) on ``train`` with ``positions`` poisoned.
+
+    Args:
+        model: The victim, freshly initialised; trained in place and left on the CPU in eval mode.
+        attack: Makes the trigger and the target labels.
+        train: The clean training split.
+        positions: Positions in ``train`` to poison (see :meth:`Attack.train_positions`).
+        config: Optimiser and schedule.
+        seed: Seeds batch order, augmentation and per-batch attack randomness.
+        device: Where to train (default: CUDA if available).
+        progress: Show a progress bar.
+
+    Returns:
+        One row per epoch: ``epoch``, ``train_loss``, ``train_acc`` (on the samples as trained), ``seconds``.
+    """
+    device = resolve_device(device)
+    generator = torch.Generator().manual_seed(seed)
+    spec = attack.dataset
+    images, labels = train.images.copy(), train.labels.copy()
+    if attack.static_trigger:  # otherwise the attack poisons each batch itself (Attack.training_batch)
+        labels[positions] = attack.target_labels(labels[positions])
+        images[positions] = attack(images[positions])
+    poisoned_mask = torch.zeros(len(train), dtype=torch.bool)
+    poisoned_mask[torch.from_numpy(positions)] = True
+    data, targets = torch.from_numpy(images), torch.from_numpy(labels)
+
+    networks = attack.trigger_networks()
+    if networks is not None:
+        networks.to(device)
+    attack.prepare(train, device, generator)
+    attack_optimizer = attack.trigger_optimizer()
+
+    classifier = with_normalization(model, spec).to(device, memory_format=torch.channels_last)  # faster convs
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    steps_per_epoch = len(train) // config.batch_size
+    if steps_per_epoch == 0:
+        raise FireDefenseError(f"the training set ({len(train)}) is smaller than one batch ({config.batch_size}).")
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch)
+    history = []
+    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"train {attack.name}", unit="step", disable=not progress)
+    for epoch in range(1, config.epochs + 1):
+        started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
+        classifier.train()
+        order = torch.randperm(len(train), generator=generator)
+        for step in range(steps_per_epoch):
+            batch = order[step * config.batch_size : (step + 1) * config.batch_size]
+            x = data[batch].to(device).permute(0, 3, 1, 2).float().div_(255.0)  # NHWC memory: channels_last
+            y, poisoned = targets[batch].to(device), poisoned_mask[batch].to(device)
+            x = augment(x, spec.random_crop_padding, spec.horizontal_flip, generator)
+            x, y, extra_loss = attack.training_batch(x, y, poisoned, generator)
+            logits = classifier(x)
+            loss = F.cross_entropy(logits, y)
+            total = loss if extra_loss is None else loss + extra_loss
+            optimizer.zero_grad(set_to_none=True)
+            if attack_optimizer is not None:
+                attack_optimizer.zero_grad(set_to_none=True)
+            total.backward()
+            optimizer.step()
+            if attack_optimizer is not None:
+                attack_optimizer.step()
+            scheduler.step()
+            loss_sum += loss.detach().item() * len(y)
+            correct += int((logits.argmax(1) == y).sum())
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(epoch=epoch, loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", refresh=False)
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": loss_sum / seen,
+                "train_acc": correct / seen,
+                "seconds": time.perf_counter() - started,
+            }
+        )
+    bar.close()
+    model.cpu().eval()
+    if networks is not None:
+        networks.cpu().eval()
+    return history

@@ -1,0 +1,79 @@
+"""The evaluation protocol: what the defender may see, and what it is scored on, never overlapping.
+
+From a record, with a seed:
+
+- the defender's **clean reference**: ``clean_size`` samples of the clean *training* split
+  (BackdoorBench's convention: defenses get clean training data), never one the attack poisoned;
+- the test split's indices are shuffled and cut: a ``defender_share`` part is the defender's
+  **poisoned pool** (the poisoned test samples at those indices: what it may observe in operation,
+  where its ``k`` poisoned inputs come from), the rest is the **evaluation** part (clean and
+  poisoned test samples at those indices: what every defense is scored on).
+
+So no evaluation image, clean or poisoned, is ever seen by a defense while it is fitted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from fire_adapters import ImageSet, Record
+from fire_defense import FireDefenseError
+
+__all__ = ["Split", "describe", "split_record"]
+
+
+@dataclass(frozen=True)
+class Split:
+    """A record's data, divided between the defender and the evaluation."""
+
+    clean_reference: ImageSet
+    poisoned_pool: ImageSet
+    clean_eval: ImageSet
+    poisoned_eval: ImageSet
+    seed: int
+
+    def poisoned_inputs(self, k: int, seed: int | None = None) -> ImageSet:
+        """``k`` poisoned samples from the defender's pool, drawn with ``seed`` (default: the split's)."""
+        if not 0 < k <= len(self.poisoned_pool):
+            raise FireDefenseError(
+                f"k must be in 1..{len(self.poisoned_pool)} (the defender's poisoned pool), got {k}."
+            )
+        rng = np.random.default_rng(self.seed if seed is None else seed)
+        return self.poisoned_pool.subset(np.sort(rng.choice(len(self.poisoned_pool), size=k, replace=False)))
+
+
+def split_record(record: Record, seed: int = 0, clean_size: int = 500, defender_share: float = 0.1) -> Split:
+    """Divide ``record``'s data as the module docstring says."""
+    if not 0 < defender_share < 1:
+        raise FireDefenseError(f"defender_share must be in (0, 1), got {defender_share}.")
+    rng = np.random.default_rng(seed)
+    train = record.load_clean_train()
+    eligible = np.setdiff1d(
+        np.arange(len(train)), record.train_poison_indices if record.train_poison_indices is not None else []
+    )
+    if clean_size > len(eligible):
+        raise FireDefenseError(f"clean_size {clean_size} exceeds the {len(eligible)} clean training samples.")
+    reference = train.subset(np.sort(rng.choice(eligible, size=clean_size, replace=False)))
+    order = rng.permutation(len(record.clean_test))
+    defender = np.sort(order[: round(defender_share * len(order))])
+    evaluation = np.sort(order[len(defender) :])
+    poisoned = record.poisoned_test
+    in_defender = np.isin(poisoned.indices, defender)
+    return Split(
+        clean_reference=reference,
+        poisoned_pool=poisoned.subset(np.flatnonzero(in_defender)),
+        clean_eval=record.clean_test.subset(evaluation),
+        poisoned_eval=poisoned.subset(np.flatnonzero(~in_defender)),
+        seed=seed,
+    )
+
+
+def describe(split: Split) -> str:
+    """One line stating the split, for every output."""
+    return (
+        f"defender: {len(split.clean_reference)} clean training samples + a pool of {len(split.poisoned_pool)} "
+        f"poisoned test samples; evaluation: {len(split.clean_eval)} clean and {len(split.poisoned_eval)} poisoned "
+        f"test samples at disjoint indices (seed {split.seed})"
+    )

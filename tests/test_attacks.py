@@ -1,0 +1,184 @@
+"""Each attack's defining property, on small arrays; the shared label and sample-selection rules."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fire_adapters import ImageSet
+from fire_adapters.attacks import ATTACKS, InputAware, WaNet, create_attack, list_attacks
+from fire_defense import FireDefenseError
+
+from helpers import random_images
+
+GREY = random_images(6, 28, 28, 1, seed=1)
+COLOUR = random_images(6, 32, 32, 3, seed=2)
+
+
+def images_for(dataset: str) -> np.ndarray:
+    return GREY if dataset == "fashionmnist" else COLOUR
+
+
+@pytest.mark.parametrize("dataset", ["fashionmnist", "cifar10"])
+@pytest.mark.parametrize("name", list_attacks())
+def test_every_attack_keeps_shape_and_dtype_and_is_deterministic(name, dataset):
+    images = images_for(dataset)
+    first = create_attack(name, dataset, seed=3)(images)
+    second = create_attack(name, dataset, seed=3)(images)
+    assert first.dtype == np.uint8 and first.shape == images.shape
+    np.testing.assert_array_equal(first, second)
+    assert not np.array_equal(first, images)
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_params_rebuild_the_attack(name):
+    attack = create_attack(name, "cifar10", seed=5)
+    params = attack.params()
+    rebuilt = create_attack(name, params.pop("dataset"), **params)
+    rebuilt.load_state_dict(attack.state_dict())
+    np.testing.assert_array_equal(rebuilt(COLOUR), attack(COLOUR))
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_wrong_images_are_refused_in_one_line(name):
+    with pytest.raises(FireDefenseError, match=r"expects uint8 cifar10 images \(N, 32, 32, 3\)"):
+        create_attack(name, "cifar10")(GREY)
+
+
+def test_badnet_touches_only_its_3x3_corner():
+    out = create_attack("badnet", "cifar10")(COLOUR)
+    changed = np.any(out != COLOUR, axis=(0, 3))
+    assert not changed[:-3, :].any() and not changed[:, :-3].any()
+    assert (out[:, -3:, -3:, :] == 255).all()
+
+
+def test_blended_is_the_stated_convex_combination():
+    attack = create_attack("blended", "cifar10", alpha=0.2)
+    pattern = attack.pattern
+    out = attack(COLOUR).astype(np.float64)
+    expected = 0.8 * COLOUR + 0.2 * pattern
+    assert np.all(out <= expected + 1e-4) and np.all(out > expected - 1)  # truncated to uint8, as BackdoorBench
+    assert np.array_equal(pattern, create_attack("blended", "cifar10", seed=9).pattern)  # fixed across seeds
+    assert not np.array_equal(pattern, create_attack("blended", "cifar10", pattern_seed=1).pattern)
+
+
+def test_sig_adds_a_horizontal_sinusoid_and_is_clean_label():
+    attack = create_attack("sig", "fashionmnist")
+    grey = np.full((1, 28, 28, 1), 128, dtype=np.uint8)
+    added = attack(grey)[0, :, :, 0].astype(np.float64) - 128
+    np.testing.assert_array_equal(added, np.broadcast_to(added[0], (28, 28)))  # the same in every row
+    expected = 40 * np.sin(2 * np.pi * np.arange(28) * 6 / 28)
+    assert np.all(np.abs(added[0] - expected) < 1)  # truncation to uint8
+    labels = np.repeat(np.arange(10), 10)
+    positions = attack.train_positions(labels)
+    assert attack.clean_label and (labels[positions] == 0).all() and len(positions) == 5  # half the target class
+    whole = create_attack("sig", "fashionmnist", ratio=0.2).train_positions(labels)
+    np.testing.assert_array_equal(whole, np.arange(10))  # capped at the target class
+    with pytest.raises(FireDefenseError, match="clean-label"):
+        create_attack("sig", "cifar10", all_to_all=True)
+
+
+def test_wanet_warp_is_smooth_bounded_and_exact_at_zero_strength():
+    attack = create_attack("wanet", "cifar10", s=0.5, k=4)
+    height = 32
+    ys, xs = torch.meshgrid(torch.linspace(-1, 1, height), torch.linspace(-1, 1, height), indexing="ij")
+    identity = torch.stack((xs, ys), dim=2)[None]
+    displacement = (attack.grid - identity) * height / 2  # in pixels
+    assert attack.grid.abs().max() <= 1
+    assert displacement.abs().max() <= 0.5 * 4  # s times at most a few units of the normalised field
+    inner = displacement[:, 1:-1, 1:-1]  # the outermost pixels are clamped to the image, as in WaNet
+    steps = (inner[:, 1:] - inner[:, :-1]).abs().max(), (inner[:, :, 1:] - inner[:, :, :-1]).abs().max()
+    assert max(steps) < 0.2 < displacement.abs().max()  # neighbours move together: a smooth, non-trivial field
+    still = create_attack("wanet", "cifar10", s=1e-9)
+    np.testing.assert_array_equal(still(COLOUR), COLOUR)  # the identity grid reproduces the image
+
+
+def test_wanet_noise_mode_warps_only_clean_samples_and_keeps_labels():
+    attack: WaNet = create_attack("wanet", "cifar10", cross_ratio=2)
+    images = torch.rand(20, 3, 32, 32)
+    labels = torch.arange(20)
+    poisoned = torch.zeros(20, dtype=torch.bool)
+    poisoned[:3] = True
+    out, out_labels, extra = attack.training_batch(images, labels, poisoned, torch.Generator().manual_seed(0))
+    changed = (out != images).flatten(1).any(1)
+    assert not changed[:3].any() and int(changed.sum()) == 6 and extra is None
+    assert torch.equal(out_labels, labels)
+
+
+def test_bpp_quantises_each_image_to_its_own_levels_and_trains_with_negatives():
+    attack = create_attack("bpp", "cifar10", squeeze_num=8)
+    out = attack(COLOUR)
+    levels = np.round(np.arange(8) / 7 * 255).astype(np.uint8)
+    assert set(np.unique(out)) <= set(levels)  # eight levels per channel
+    assert np.abs(out.astype(int) - COLOUR).max() <= 19  # at most half a step (255 / 14) from the original
+    change = out.astype(int) - COLOUR
+    assert not np.array_equal(change[0], change[1])  # the change is the image's own: sample-specific
+    images, labels = torch.rand(20, 3, 32, 32), torch.arange(20)
+    poisoned = torch.zeros(20, dtype=torch.bool)
+    poisoned[:2] = True
+    out_batch, out_labels, _ = attack.training_batch(images, labels, poisoned, torch.Generator().manual_seed(0))
+    changed = (out_batch != images).flatten(1).any(1)
+    assert not changed[:2].any() and int(changed.sum()) == 2 and torch.equal(out_labels, labels)
+
+
+def test_inputaware_triggers_differ_per_image_and_only_work_with_their_own_mask():
+    attack: InputAware = create_attack("inputaware", "fashionmnist")
+    x = torch.rand(4, 1, 28, 28)
+    with torch.no_grad():
+        attack.networks.eval()
+        own = attack.trigger(x) - x
+        borrowed = attack.trigger(x, x.roll(1, dims=0)) - x
+        patterns = attack.networks["pattern"](x)
+    assert not torch.allclose(patterns[0], patterns[1])  # sample-specific
+    assert not torch.allclose(own, borrowed)
+
+
+def test_inputaware_mask_training_makes_masks_sparse():
+    attack: InputAware = create_attack("inputaware", "fashionmnist", mask_epochs=3)
+    train = ImageSet(random_images(512, 28, 28, 1, seed=4), np.zeros(512))
+    x = torch.rand(16, 1, 28, 28)
+
+    def density() -> float:
+        with torch.no_grad():
+            attack.networks.eval()
+            return float(torch.tanh(attack.networks["mask"](x) * 20 - 10).add(1).div(2).mean())
+
+    before = density()
+    attack.prepare(train, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert density() < before and density() < 0.2
+    assert not any(p.requires_grad for p in attack.networks["mask"].parameters())  # frozen for the main training
+
+
+def test_label_rules_and_sample_choice():
+    labels = np.repeat(np.arange(10), 20)
+    attack = create_attack("badnet", "cifar10", target=3, ratio=0.1, seed=7)
+    positions = attack.train_positions(labels)
+    assert len(positions) == 20 and len(set(positions)) == 20 and np.all(np.diff(positions) > 0)
+    np.testing.assert_array_equal(
+        positions, create_attack("badnet", "cifar10", target=3, seed=7).train_positions(labels)
+    )
+    assert not np.array_equal(positions, create_attack("badnet", "cifar10", target=3, seed=8).train_positions(labels))
+    np.testing.assert_array_equal(attack.target_labels(labels[:4]), [3, 3, 3, 3])
+    assert set(labels[attack.test_positions(labels)]) == set(range(10)) - {3}
+    every = create_attack("badnet", "cifar10", all_to_all=True)
+    np.testing.assert_array_equal(every.target_labels(np.array([0, 5, 9])), [1, 6, 0])
+    assert len(every.test_positions(labels)) == len(labels)
+
+
+def test_poison_keeps_indices_and_true_labels():
+    split = ImageSet(COLOUR, np.array([0, 1, 2, 3, 4, 5]))
+    poisoned = create_attack("badnet", "cifar10").poison(split, np.array([1, 4]))
+    np.testing.assert_array_equal(poisoned.indices, [1, 4])
+    np.testing.assert_array_equal(poisoned.labels, [1, 4])
+    np.testing.assert_array_equal(poisoned.targets, [0, 0])
+
+
+def test_bad_attack_arguments():
+    with pytest.raises(FireDefenseError, match="target 10 is not a cifar10 class"):
+        create_attack("badnet", "cifar10", target=10)
+    with pytest.raises(FireDefenseError, match=r"ratio must be in \(0, 1\]"):
+        create_attack("blended", "cifar10", ratio=0)
+    with pytest.raises(FireDefenseError, match="attack 'badnet' takes no alpha; its parameters: patch_size"):
+        create_attack("badnet", "cifar10", alpha=0.2)
+    assert sorted(ATTACKS.names()) == ["badnet", "blended", "bpp", "inputaware", "sig", "wanet"]

@@ -1,0 +1,137 @@
+"""Making records: a tiny end-to-end run, caching, determinism, atomicity and the CLI."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from fire_adapters import factory as factory_module
+from fire_adapters import load_record
+from fire_adapters.__main__ import main
+from fire_adapters.factory import RecordRecipe, load_attack, make_record, summary_csv
+from fire_adapters.training import TrainConfig, augment
+from fire_defense import FireDefenseError
+
+from helpers import write_idx_dataset
+
+TINY = TrainConfig(epochs=1, batch_size=32, lr=0.05)
+
+
+@pytest.fixture
+def data(tmp_path):
+    root = tmp_path / "data"
+    write_idx_dataset(root / "fashionmnist", n_train=256, n_test=64, seed=3)
+    return root
+
+
+def recipe(attack: str = "badnet", seed: int = 0) -> RecordRecipe:
+    return RecordRecipe("fashionmnist", attack, model="preactresnet18_w8", seed=seed, train=TINY)
+
+
+@pytest.mark.parametrize("attack", ["badnet", "inputaware"])
+def test_a_tiny_run_makes_a_record_that_loads_back(data, tmp_path, attack):
+    made = make_record(recipe(attack), tmp_path / "records", data_root=data, progress=False)
+    assert not made.cached and set(made.metrics) == {"test_acc", "test_asr", "test_ra"}
+    record = load_record(made.path, data_root=data)
+    assert record.model_name == "preactresnet18_w8" and record.metadata["recipe"] == recipe(attack).as_dict()
+    if attack == "inputaware":  # poisoned anew in every batch: no fixed poisoned training set
+        assert record.train_poison_indices is None
+    else:
+        assert len(record.train_poison_indices) == round(0.1 * 256)
+    assert (record.poisoned_test.targets == 0).all() and (record.poisoned_test.labels != 0).all()
+    # The trigger is rebuilt from the record and reproduces its poisoned images.
+    clean = record.clean_test.images[record.poisoned_test.indices]
+    np.testing.assert_array_equal(load_attack(record)(clean), record.poisoned_test.images)
+    with open(made.path / "attack_df_summary.csv") as handle:
+        rows = {row[""]: row for row in csv.DictReader(handle)}
+    assert set(rows) == {"last", "valid_max", "exist_nan_value"}
+    assert float(rows["last"]["test_asr"]) == pytest.approx(made.metrics["test_asr"])
+
+
+def test_a_finished_record_is_never_rebuilt(data, tmp_path, monkeypatch):
+    first = make_record(recipe(), tmp_path, data_root=data, progress=False)
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("retrained a finished record")
+
+    monkeypatch.setattr(factory_module, "train_backdoored_model", no_training)
+    again = make_record(recipe(), tmp_path, data_root=data, progress=False)
+    assert again.cached and again.metrics == first.metrics and again.path == first.path
+    other = RecordRecipe(
+        "fashionmnist", "badnet", model="preactresnet18_w8", train=TrainConfig(epochs=2, batch_size=32)
+    )
+    with pytest.raises(FireDefenseError, match=r"made from another recipe.*--overwrite"):
+        make_record(other, tmp_path, data_root=data, progress=False)
+
+
+def test_an_interrupted_build_leaves_no_record(data, tmp_path, monkeypatch):
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        make_record(recipe(), tmp_path / "records", data_root=data, progress=False)
+    assert list((tmp_path / "records").iterdir()) == []
+
+
+def test_same_seed_same_poison_trigger_and_model(data, tmp_path):
+    a = load_record(make_record(recipe("wanet"), tmp_path / "a", data_root=data, progress=False).path, data_root=data)
+    b = load_record(make_record(recipe("wanet"), tmp_path / "b", data_root=data, progress=False).path, data_root=data)
+    c = load_record(
+        make_record(recipe("wanet", 1), tmp_path / "c", data_root=data, progress=False).path, data_root=data
+    )
+    np.testing.assert_array_equal(a.train_poison_indices, b.train_poison_indices)
+    np.testing.assert_array_equal(a.poisoned_test.images, b.poisoned_test.images)
+    for key, value in a.model.state_dict().items():
+        assert torch.equal(value, b.model.state_dict()[key]), key
+    assert not np.array_equal(a.train_poison_indices, c.train_poison_indices)
+    assert not np.array_equal(a.poisoned_test.images, c.poisoned_test.images)
+
+
+def test_augment_crops_from_the_padded_image_and_flips():
+    images = torch.rand(5, 3, 6, 7)
+    out = augment(images, 2, False, torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(1)
+    dy, dx = torch.randint(0, 5, (5,), generator=generator), torch.randint(0, 5, (5,), generator=generator)
+    padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
+    expected = torch.stack([padded[i, :, dy[i] : dy[i] + 6, dx[i] : dx[i] + 7] for i in range(5)])
+    assert torch.equal(out, expected)
+    assert torch.equal(augment(images, 0, False, torch.Generator()), images)
+    flipped = augment(images, 0, True, torch.Generator().manual_seed(0))
+    for original, result in zip(images, flipped, strict=True):
+        assert torch.equal(result, original) or torch.equal(result, original.flip(-1))
+
+
+def test_summary_csv_has_backdoorbench_rows():
+    text = summary_csv([{"epoch": 1, "test_acc": ""}, {"epoch": 2, "test_acc": 0.5}], ["epoch", "test_acc"])
+    assert text.splitlines() == [",epoch,test_acc", "last,2.0,0.5", "valid_max,2.0,0.5", "exist_nan_value,False,False"]
+
+
+def test_cli_makes_records_and_reports_them(data, tmp_path, capsys):
+    argv = [
+        "make-records",
+        "--attacks",
+        "badnet,sig",
+        "--model",
+        "preactresnet18_w8",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "32",
+        "--out",
+        str(tmp_path / "out"),
+        "--data",
+        str(data),
+    ]
+    assert main(argv) == 0
+    shown = capsys.readouterr().out
+    assert (
+        "fashionmnist_preactresnet18_w8_badnet_seed0" in shown and "fashionmnist_preactresnet18_w8_sig_seed0" in shown
+    )
+    assert main(argv) == 0
+    assert shown.count("(cached)") == 0 and capsys.readouterr().out.count("(cached)") == 2
+    assert main([*argv[:2], "nonsense", *argv[3:]]) == 2
+    assert "unknown attack 'nonsense'" in capsys.readouterr().err

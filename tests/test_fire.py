@@ -1,0 +1,399 @@
+"""FIRE pinned by what the method must do, not by how the code does it."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fire_defense import FIRE, FireDefenseError, NotFittedError, candidate_layers
+from fire_defense.metrics import predict
+
+# --- a synthetic model whose backdoor is a known vector at a known layer -----------------------------------------
+
+D_IN, D_HIDDEN, CLASSES, BACKDOOR_UNIT = 24, 16, 4, 15
+
+
+class Synthetic(nn.Module):
+    """``encoder`` copies inputs to hidden units; the head reads classes from units 0..3, and unit 15 is the
+    backdoor feature that votes strongly for class 0. The trigger adds 1 to input 15, i.e. the vector e_15
+    at the encoder's output."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.encoder = nn.Linear(D_IN, D_HIDDEN)
+        self.head = nn.Sequential(nn.ReLU(), nn.Linear(D_HIDDEN, CLASSES))
+        with torch.no_grad():
+            self.encoder.weight.zero_()
+            self.encoder.bias.zero_()
+            self.encoder.weight[torch.arange(D_HIDDEN), torch.arange(D_HIDDEN)] = 1.0
+            self.head[1].weight.zero_()
+            self.head[1].bias.zero_()
+            self.head[1].weight[torch.arange(CLASSES), torch.arange(CLASSES)] = 1.0
+            self.head[1].weight[0, BACKDOOR_UNIT] = 10.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder(x))
+
+
+TRUE_DIRECTION = torch.zeros(D_HIDDEN)
+TRUE_DIRECTION[BACKDOOR_UNIT] = 1.0
+
+
+def synthetic_data(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, CLASSES, (n,), generator=generator)
+    x = torch.rand(n, D_IN, generator=generator) * 0.5
+    x[torch.arange(n), labels] += 1.0
+    x[:, BACKDOOR_UNIT - 1 : BACKDOOR_UNIT + 1] = 0.0  # units 14, 15: silent on clean data
+    return x, labels
+
+
+def trigger(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    out[:, BACKDOOR_UNIT] += 1.0
+    return out
+
+
+@pytest.fixture
+def synthetic():
+    model = Synthetic().eval()
+    clean, _ = synthetic_data(500, seed=0)
+    test, labels = synthetic_data(400, seed=1)
+    assert (model(test).argmax(1) == labels).all() and (model(trigger(test)).argmax(1) == 0).all()
+    return model, clean, test, labels
+
+
+@pytest.mark.parametrize("mode", ["shift", "project", "gate"])
+def test_paired_recovers_the_known_direction_and_restores_predictions(synthetic, mode):
+    model, clean, test, labels = synthetic
+    fire = FIRE(model, layers="encoder", mode=mode).fit(clean, trigger=trigger)
+    beta = fire.directions_["encoder"]
+    assert F.cosine_similarity(beta, TRUE_DIRECTION, dim=0) >= 0.99
+    with torch.inference_mode():
+        assert (fire(trigger(test)).argmax(1) == labels).all()  # poisoned inputs back to the clean prediction
+        assert (fire(test).argmax(1) == labels).all()
+
+
+def test_unpaired_finds_the_direction_from_poisoned_inputs_alone(synthetic):
+    model, clean, test, labels = synthetic
+    seen, _ = synthetic_data(2000, seed=2)
+    fire = FIRE(model, layers="encoder", mode="gate").fit(clean, poisoned=trigger(seen))
+    assert F.cosine_similarity(fire.directions_["encoder"], TRUE_DIRECTION, dim=0) >= 0.99
+    with torch.inference_mode():
+        assert (fire(trigger(test)).argmax(1) == labels).float().mean() >= 0.99
+
+
+def test_paired_unpaired_and_streaming_agree(synthetic):
+    model, clean, _, _ = synthetic
+    poisoned = trigger(synthetic_data(300, seed=3)[0])
+    unpaired = FIRE(model, layers="encoder").fit(clean, poisoned=poisoned)
+    streaming = FIRE(model, layers="encoder").partial_fit(clean=clean)
+    for start in range(0, 300, 7):  # uneven batches, one update at a time
+        streaming.partial_fit(poisoned=poisoned[start : start + 7])
+    torch.testing.assert_close(streaming.directions_["encoder"], unpaired.directions_["encoder"], rtol=0, atol=1e-6)
+    paired = FIRE(model, layers="encoder").fit(clean, trigger=trigger)
+    assert F.cosine_similarity(paired.directions_["encoder"], unpaired.directions_["encoder"], dim=0) > 0.95
+
+
+def test_attached_hooks_follow_streaming_updates(synthetic):
+    model, clean, test, labels = synthetic
+    fire = FIRE(model, layers="encoder", mode="shift").partial_fit(clean=clean)
+    fire.partial_fit(poisoned=trigger(test[:1]) + 5.0)  # a first, misleading estimate
+    with torch.inference_mode(), fire.attached():
+        misled = model(trigger(test)).argmax(1)
+        fire.partial_fit(poisoned=trigger(synthetic_data(2000, seed=9)[0]))  # more data while attached
+        repaired = model(trigger(test)).argmax(1)
+    assert (repaired == labels).float().mean() > (misled == labels).float().mean()
+    assert (repaired == labels).float().mean() >= 0.99
+
+
+def test_streaming_equals_unpaired_across_cascaded_layers_without_cascade(synthetic):
+    model, clean, _, _ = synthetic
+    poisoned = trigger(synthetic_data(64, seed=4)[0])
+    layers = ["encoder", "head.0"]
+    batch = FIRE(model, layers=layers, cascade=False).fit(clean, poisoned=poisoned)
+    stream = FIRE(model, layers=layers, cascade=False).partial_fit(clean=clean)
+    for sample in poisoned.split(1):
+        stream.partial_fit(poisoned=sample)
+    for layer in layers:
+        torch.testing.assert_close(stream.directions_[layer], batch.directions_[layer], rtol=0, atol=1e-6)
+
+
+def test_cascade_estimates_later_layers_from_repaired_activations(synthetic):
+    model, clean, _, _ = synthetic
+    fire = FIRE(model, layers=["encoder", "head.0"], mode="shift").fit(clean, trigger=trigger)
+    assert fire.directions_["head.0"].abs().max() < 1e-6  # the shift at encoder already removed the trigger
+    plain = FIRE(model, layers=["encoder", "head.0"], mode="shift", cascade=False).fit(clean, trigger=trigger)
+    assert plain.directions_["head.0"][BACKDOOR_UNIT] > 0.9
+
+
+def test_gate_false_positive_rate_on_clean_data_is_within_target(synthetic):
+    model, _, _, _ = synthetic
+    reference, _ = synthetic_data(2000, seed=5)
+    fresh, _ = synthetic_data(4000, seed=6)
+    fire = FIRE(model, layers="encoder", mode="gate", fpr=0.05).fit(reference, trigger=trigger)
+    flagged = fire.detect(fresh).float().mean()
+    assert flagged <= 0.05 + 3 * (0.05 * 0.95 / 4000) ** 0.5 + 0.01  # target, sampling error, quantile estimate
+    assert fire.detect(trigger(fresh)).float().mean() >= 0.99
+    scores = fire.scores(trigger(fresh[:10]))["encoder"]
+    assert scores.shape == (10,) and (scores > fire.thresholds_["encoder"]).all()
+
+
+def test_project_removes_only_what_exceeds_clean(synthetic):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder", mode="project", fpr=0.01).fit(clean, trigger=trigger)
+    with torch.inference_mode():
+        torch.testing.assert_close(fire(test), model(test))  # clean activations have no excess along beta
+
+
+def test_low_rank_directions_span_a_two_dimensional_trigger(synthetic):
+    model, clean, test, labels = synthetic
+
+    def two_way_trigger(x: torch.Tensor) -> torch.Tensor:  # the trigger moves unit 15 or unit 14, at random
+        out = x.clone()
+        pick = torch.arange(len(x)) % 2
+        out[torch.arange(len(x)), 14 + pick] += 1.0
+        return out
+
+    with torch.no_grad():
+        model.head[1].weight[0, 14] = 10.0
+    fire = FIRE(model, layers="encoder", mode="project", rank=2).fit(clean, trigger=two_way_trigger)
+    basis = fire.stats_["encoder"].basis.float()
+    assert basis.shape == (2, D_HIDDEN)
+    assert basis[:, 14:16].norm(dim=1).min() > 0.99  # both directions lie in the span of units 14 and 15
+    with torch.inference_mode():
+        assert (fire(two_way_trigger(test)).argmax(1) == labels).all()
+
+
+def test_batch_size_invariance_and_inference_mode(synthetic):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder", mode="gate").fit(clean, trigger=trigger)
+    mixed = torch.cat([test[:8], trigger(test[8:16])])
+    with torch.inference_mode():
+        together = fire(mixed)
+        alone = torch.cat([fire(x[None]) for x in mixed])
+    torch.testing.assert_close(together, alone)
+
+
+@pytest.mark.parametrize("mode", ["shift", "project", "gate"])
+def test_the_repaired_pass_can_be_differentiated(synthetic, mode):
+    """Adaptive attacks need gradients through the defense; statistics fitted in inference mode must not block them."""
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder", mode=mode).fit(clean, trigger=trigger)
+    x = trigger(test[:4]).requires_grad_(True)
+    fire(x).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_hooks_are_gone_after_the_block_even_after_an_exception(synthetic):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers=["encoder", "head.0"]).fit(clean, trigger=trigger)
+    counts = [len(m._forward_hooks) for m in model.modules()]
+    with fire.attached():
+        assert sum(len(m._forward_hooks) for m in model.modules()) == sum(counts) + 2
+    with pytest.raises(RuntimeError, match="boom"), fire.attached():
+        raise RuntimeError("boom")
+    fire(test)
+    fire.scores(test)
+    handles = fire.attach()
+    assert sum(len(m._forward_hooks) for m in model.modules()) == sum(counts) + 2
+    handles.remove()
+    handles.remove()  # harmless twice
+    assert [len(m._forward_hooks) for m in model.modules()] == counts
+
+
+def test_other_hooks_on_the_model_are_left_alone(synthetic):
+    model, clean, test, _ = synthetic
+    calls = []
+    handle = model.encoder.register_forward_hook(lambda m, i, o: calls.append(1))
+    fire = FIRE(model, layers="encoder").fit(clean, trigger=trigger)
+    fire(test)
+    assert len(model.encoder._forward_hooks) == 1
+    handle.remove()
+
+
+def test_state_dict_round_trip_through_a_safe_file(synthetic, tmp_path):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder", mode="gate").fit(clean, trigger=trigger)
+    fire.save(tmp_path / "fire.pt")
+    loaded = FIRE(model).load(tmp_path / "fire.pt")
+    assert loaded.mode == "gate" and loaded.layers_ == ["encoder"]
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(trigger(test)), fire(trigger(test)))
+    loaded.partial_fit(poisoned=trigger(test[:5]))  # a loaded FIRE keeps streaming
+
+    class Exploit:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    torch.save({"config": Exploit()}, tmp_path / "bad.pt")
+    with pytest.raises(FireDefenseError, match="not a FIRE state file that loads safely"):
+        FIRE(model).load(tmp_path / "bad.pt")
+
+
+def test_device_and_dtype_follow_the_model(synthetic):
+    model, clean, test, labels = synthetic
+    model = model.double()
+    fire = FIRE(model, layers="encoder").fit(clean.double(), trigger=trigger)
+    with torch.inference_mode():
+        out = fire(trigger(test.double()))
+    assert out.dtype == torch.float64 and (out.argmax(1) == labels).all()
+
+
+def test_works_under_torch_compile(synthetic):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder", mode="gate").fit(clean, trigger=trigger)
+    compiled = torch.compile(fire.module(), backend="aot_eager", fullgraph=False)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(trigger(test)), fire(trigger(test)))
+
+
+def test_clear_errors_on_misuse(synthetic):
+    model, clean, test, _ = synthetic
+    with pytest.raises(NotFittedError, match="not fitted"):
+        FIRE(model, layers="encoder")(test)
+    with pytest.raises(FireDefenseError, match=r"no layer 'encodr'\. Did you mean 'encoder'"):
+        FIRE(model, layers="encodr").fit(clean, trigger=trigger)
+    with pytest.raises(FireDefenseError, match="unknown mode 'clip'"):
+        FIRE(model, layers="encoder", mode="clip").fit(clean, trigger=trigger)
+    with pytest.raises(FireDefenseError, match="clean set is empty"):
+        FIRE(model, layers="encoder").fit(clean[:0], trigger=trigger)
+    with pytest.raises(FireDefenseError, match="poisoned inputs or a trigger, not both"):
+        FIRE(model, layers="encoder").fit(clean, poisoned=clean, trigger=trigger)
+    with pytest.raises(FireDefenseError, match="rank > 1 needs paired data"):
+        FIRE(model, layers="encoder", mode="project", rank=2).fit(clean, poisoned=trigger(clean))
+    with pytest.raises(FireDefenseError, match="no stage layers recognised"):
+        FIRE(model).fit(clean, trigger=trigger)
+    with pytest.raises(FireDefenseError, match="training mode"):
+        FIRE(model.train(), layers="encoder").fit(clean, trigger=trigger)
+    model.eval()
+    with pytest.raises(NotFittedError, match="no poisoned samples seen"):
+        FIRE(model, layers="encoder").partial_fit(clean=clean)(test)
+
+
+def test_fold_equals_the_hooked_shift_and_exports():
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(8, 8, 3, padding=1),
+        nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1),
+        nn.Flatten(),
+        nn.Linear(8, 5),
+    ).eval()
+    images = torch.rand(64, 3, 8, 8)
+    fire = FIRE(model, layers="3", mode="shift").fit(images, poisoned=images + 0.3)
+    folded = fire.fold(images[:8])
+    assert sum(len(m._forward_hooks) for m in folded.modules()) == 0
+    test = torch.rand(16, 3, 8, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(folded(test), fire(test), rtol=1e-5, atol=1e-5)
+    exported = torch.export.export(folded, (test,))
+    torch.testing.assert_close(exported.module()(test), fire(test), rtol=1e-5, atol=1e-5)
+    early = FIRE(model, layers="1", mode="shift").fit(images, poisoned=images + 0.3)
+    with pytest.raises(FireDefenseError, match=r"cannot be folded|varies over positions"):
+        early.fold(images[:8])
+    with pytest.raises(FireDefenseError, match="single-layer 'shift'"):
+        FIRE(model, layers="3", mode="gate").fit(images, poisoned=images + 0.3).fold(images[:8])
+
+
+# --- architectures: where automatic layer choice looks -------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("build", "expected"),
+    [
+        ("preactresnet18", ["layer1", "layer2", "layer3", "layer4"]),
+        ("resnet18", ["layer1", "layer2", "layer3", "layer4"]),
+        ("vgg11", ["features.2", "features.5", "features.10", "features.15", "features.20"]),
+        ("vit_b_32", [f"1.encoder.layers.encoder_layer_{i}" for i in range(12)]),
+        ("timm:resnet18", ["layer1", "layer2", "layer3", "layer4"]),
+        ("timm:vit_tiny_patch16_224", [f"blocks.{i}" for i in range(12)]),
+        ("timm:convnext_atto", [f"stages.{i}" for i in range(4)]),
+    ],
+)
+def test_candidate_layers_on_resnets_vggs_and_vits(build, expected):
+    from fire_adapters import create_model
+
+    with torch.device("meta"):
+        model = create_model(build, num_classes=10)
+    assert candidate_layers(model) == expected
+
+
+# --- a real, small backdoored model trained here ------------------------------------------------------------
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer3(self.layer2(self.layer1(x))))
+
+
+def patch(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    out[..., -3:, -3:] = 1.0
+    return out
+
+
+def shapes(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten classes of 16x16 grey images: a class template (a bar at one of ten positions) plus noise."""
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    x = torch.rand(n, 1, 16, 16, generator=generator) * 0.3
+    rows = (labels % 5) * 3
+    for i in range(n):
+        if labels[i] < 5:
+            x[i, 0, rows[i] : rows[i] + 2, 2:12] += 0.7
+        else:
+            x[i, 0, 2:12, rows[i] : rows[i] + 2] += 0.7
+    return x.clamp(0, 1), labels
+
+
+@pytest.fixture(scope="module")
+def backdoored():
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x, y = shapes(3000, generator)
+    poison = torch.arange(0, 3000, 10)
+    x[poison], y[poison] = patch(x[poison]), 0
+    model = TinyCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for batch in torch.randperm(3000, generator=generator).split(64):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    model.eval()
+    test_x, test_y = shapes(1000, generator)
+    keep = test_y != 0
+    reference, _ = shapes(500, generator)
+    seen, _ = shapes(10, generator)
+    return model, reference, patch(seen), test_x, test_y, patch(test_x[keep]), test_y[keep]
+
+
+@pytest.mark.parametrize("mode", ["shift", "project", "gate"])
+def test_a_real_backdoor_is_repaired_from_ten_poisoned_inputs(backdoored, mode):
+    model, reference, seen, test_x, test_y, poisoned_x, poisoned_y = backdoored
+    clean_acc = (predict(model, test_x) == test_y.numpy()).mean()
+    asr = (predict(model, poisoned_x) == 0).mean()
+    assert clean_acc > 0.95 and asr > 0.9  # the backdoor works
+    fire = FIRE(model, layers="auto", mode=mode).fit(reference, poisoned=seen)
+    repaired_asr = (predict(fire, poisoned_x) == 0).mean()
+    repaired_acc = (predict(fire, test_x) == test_y.numpy()).mean()
+    poisoned_acc = (predict(fire, poisoned_x) == poisoned_y.numpy()).mean()
+    assert repaired_asr < 0.15 and poisoned_acc > 0.8
+    # shift moves clean inputs too; project and gate leave them (almost) alone
+    assert repaired_acc > clean_acc - (0.1 if mode == "shift" else 0.01)
+    assert fire.layers_[0] in ("layer1", "layer2", "layer3")
+    scores = fire.layer_scores_
+    assert set(scores) == {"layer1", "layer2", "layer3"}
+    assert all(np.isfinite(list(v.values())).all() for v in scores.values())
