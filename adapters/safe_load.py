@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from fire_defense import FireDefenseError
+from fire_defense.errors import first_line
 
 try:  # numpy >= 2 keeps the implementation in numpy._core
     from numpy._core import multiarray as _multiarray
@@ -81,11 +82,11 @@ def safe_torch_load(path: str | Path) -> Any:
         if match:
             raise _refusal(path, match.group(1)) from None
         raise FireDefenseError(
-            f"{path} could not be unpickled safely ({_first_line(error)}); it was not loaded."
+            f"{path} could not be unpickled safely ({first_line(error)}); it was not loaded."
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
         raise FireDefenseError(
-            f"{path} is not a readable torch file ({_first_line(error)}); it may be truncated or corrupt: re-copy it."
+            f"{path} is not a readable torch file ({first_line(error)}); it may be truncated or corrupt: re-copy it."
         ) from None
 
 
@@ -123,9 +124,4 @@ def safe_unpickle(path: str | Path, encoding: str = "latin1") -> Any:
         except UnsafeFileError:
             raise
         except Exception as error:  # noqa: BLE001 - a corrupt pickle raises many different types
-            raise FireDefenseError(f"{path} is not a readable pickle ({_first_line(error)}); re-copy it.") from None
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return text[0] if text else type(error).__name__
+            raise FireDefenseError(f"{path} is not a readable pickle ({first_line(error)}); re-copy it.") from None

@@ -148,7 +148,7 @@ def train_backdoored_model(
         order = torch.randperm(len(train), generator=generator)
         for step in range(steps_per_epoch):
             batch = order[step * config.batch_size : (step + 1) * config.batch_size]
-            x = data[batch].to(device).permute(0, 3, 1, 2).float().div_(255.0)  # NHWC memory: channels_last
+            x = to_tensor(data[batch], device)
             y, poisoned = targets[batch].to(device), poisoned_mask[batch].to(device)
             x = augment(x, spec.random_crop_padding, spec.horizontal_flip, generator)
             x, y, extra_loss = attack.training_batch(x, y, poisoned, generator)

@@ -15,26 +15,27 @@ from typing import Any
 
 import numpy as np
 import torch
-from fire_bench.protocol import Split, describe, split_record
+from torch import nn
 from tqdm.auto import tqdm
 
-from fire_adapters import ImageSet, Record, load_record, to_tensor
+from fire_adapters import Record, load_record, to_tensor
+from fire_adapters.training import evaluate
+from fire_bench.protocol import Split, describe, split_record
 from fire_defense import FIRE, resolve_device
-from fire_defense.metrics import backdoor_metrics, defense_effectiveness_rating, predict
+from fire_defense.metrics import defense_effectiveness_rating
 
 __all__ = ["estimation_cost", "k_curve", "mitigation_table", "write_report"]
 
 KS = (1, 2, 5, 10, 20, 50, 100)
 
 
-def _metrics(classifier: Any, split: Split, device: torch.device) -> dict[str, float]:
-    def labels(images: ImageSet) -> np.ndarray:
-        return predict(classifier, to_tensor(images.images), batch_size=512, device=device)
+def _prepare(record: Record, seed: int, device: torch.device) -> tuple[Split, nn.Module]:
+    """The protocol's split of ``record`` and its classifier on ``device`` (moving ``record.model`` there)."""
+    return split_record(record, seed=seed), record.classifier().to(device)
 
-    poisoned = split.poisoned_eval
-    return backdoor_metrics(
-        labels(split.clean_eval), split.clean_eval.labels, labels(poisoned), poisoned.labels, poisoned.targets
-    )
+
+def _score(classifier: nn.Module, split: Split, device: torch.device) -> dict[str, float]:
+    return evaluate(classifier, split.clean_eval, split.poisoned_eval, device)
 
 
 def _attack(record: Record) -> str:
@@ -51,16 +52,16 @@ def mitigation_table(
     device = resolve_device(device)
     rows = []
     for record in tqdm(records, desc="mitigation", unit="record"):
-        split = split_record(record, seed=seed)
-        classifier = record.classifier().to(device)
-        before = _metrics(classifier, split, device)
+        split, classifier = _prepare(record, seed, device)
+        before = _score(classifier, split, device)
         rows.append({"attack": _attack(record), "defense": "none", "k": 0, "layer": "", **before, "der": ""})
-        seen = to_tensor(split.poisoned_inputs(k).images)
+        clean, seen = (
+            to_tensor(split.clean_reference.images, device),
+            to_tensor(split.poisoned_inputs(k).images, device),
+        )
         for mode in modes:
-            fire = FIRE(classifier, layers="auto", mode=mode).fit(
-                to_tensor(split.clean_reference.images), poisoned=seen
-            )
-            after = _metrics(fire, split, device)
+            fire = FIRE(classifier, layers="auto", mode=mode).fit(clean, poisoned=seen)
+            after = _score(fire.module(), split, device)
             der = defense_effectiveness_rating(
                 before["test_asr"], after["test_asr"], before["test_acc"], after["test_acc"]
             )
@@ -88,34 +89,46 @@ def k_curve(
     """Streaming FIRE: poisoned inputs arrive one at a time; metrics after ``k`` of them, for each ``k``.
 
     The layer is chosen (``layers='auto'``) from the first ``min(k, warmup)`` inputs, the only ones
-    kept; from then on the running estimates are updated input by input and nothing is stored.
+    kept; from then on the running estimates are updated input by input. (The clean reference's
+    activations are kept too, to calibrate the gate.)
     """
     device = resolve_device(device)
     rows = []
     for record in tqdm(records, desc="k-curve", unit="record"):
-        split = split_record(record, seed=seed)
-        classifier = record.classifier().to(device)
-        stream = to_tensor(split.poisoned_inputs(max(ks)).images)
-        clean = to_tensor(split.clean_reference.images)
-        layer, fire, seen = None, None, 0
+        split, classifier = _prepare(record, seed, device)
+        stream = to_tensor(split.poisoned_inputs(max(ks)).images, device)
+        clean = to_tensor(split.clean_reference.images, device)
+        layer, fire, seen, chosen_from = None, None, 0, {}
         for k in sorted(ks):
-            chosen = FIRE(classifier, layers="auto", mode=mode).fit(clean, poisoned=stream[: min(k, warmup)]).layers_[0]
-            if chosen != layer:  # (re)start the running estimates at the chosen layer
-                layer, seen = chosen, 0
+            first = min(k, warmup)
+            if first not in chosen_from:
+                chosen_from[first] = (
+                    FIRE(classifier, layers="auto", mode=mode).fit(clean, poisoned=stream[:first]).layers_[0]
+                )
+            if chosen_from[first] != layer:  # (re)start the running estimates at the chosen layer
+                layer, seen = chosen_from[first], 0
                 fire = FIRE(classifier, layers=layer, mode=mode).partial_fit(clean=clean)
             fire.partial_fit(poisoned=[sample[None] for sample in stream[seen:k]])
             seen = k
             rows.append(
-                {"attack": _attack(record), "mode": mode, "k": k, "layer": layer, **_metrics(fire, split, device)}
+                {
+                    "attack": _attack(record),
+                    "mode": mode,
+                    "k": k,
+                    "layer": layer,
+                    **_score(fire.module(), split, device),
+                }
             )
     return rows
 
 
-def estimation_cost(record: Record, k: int = 10, repeats: int = 5, seed: int = 0) -> dict[str, float]:
+def estimation_cost(
+    record: Record, k: int = 10, repeats: int = 5, seed: int = 0, device: str | None = None
+) -> dict[str, float]:
     """Seconds to fit FIRE (500 clean + ``k`` poisoned) against one forward pass of those inputs, median of repeats."""
-    split = split_record(record, seed=seed)
-    classifier = record.classifier()
-    clean, seen = to_tensor(split.clean_reference.images), to_tensor(split.poisoned_inputs(k).images)
+    device = resolve_device(device)
+    split, classifier = _prepare(record, seed, device)
+    clean, seen = to_tensor(split.clean_reference.images, device), to_tensor(split.poisoned_inputs(k).images, device)
     both = torch.cat([clean, seen])
 
     def median_seconds(fn) -> float:
@@ -123,6 +136,8 @@ def estimation_cost(record: Record, k: int = 10, repeats: int = 5, seed: int = 0
         for _ in range(repeats):
             started = time.perf_counter()
             fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
             times.append(time.perf_counter() - started)
         return float(np.median(times))
 
@@ -202,7 +217,7 @@ def write_report(
     curve = k_curve(records, ks, seed=seed, device=device)
     _write_table(curve, out / "k_curve")
     _plot_k_curve(curve, out / "k_curve.png")
-    cost = estimation_cost(records[0], k, repeats=repeats, seed=seed)
+    cost = estimation_cost(records[0], k, repeats=repeats, seed=seed, device=device)
     (out / "estimation.md").write_text(
         f"FIRE estimation on {records[0].path.name}: {cost['inputs']} inputs (500 clean + {k} poisoned).\n\n"
         f"- one forward pass of them: {cost['forward_s']:.3f} s\n"

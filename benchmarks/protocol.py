@@ -3,7 +3,8 @@
 From a record, with a seed:
 
 - the defender's **clean reference**: ``clean_size`` samples of the clean *training* split
-  (BackdoorBench's convention: defenses get clean training data), never one the attack poisoned;
+  (BackdoorBench's convention: defenses get clean training data), none of those the record says
+  the attack poisoned (a record with no fixed poisoned set, e.g. Input-aware's, excludes none);
 - the test split's indices are shuffled and cut: a ``defender_share`` part is the defender's
   **poisoned pool** (the poisoned test samples at those indices: what it may observe in operation,
   where its ``k`` poisoned inputs come from), the rest is the **evaluation** part (clean and
@@ -50,9 +51,12 @@ def split_record(record: Record, seed: int = 0, clean_size: int = 500, defender_
         raise FireDefenseError(f"defender_share must be in (0, 1), got {defender_share}.")
     rng = np.random.default_rng(seed)
     train = record.load_clean_train()
-    eligible = np.setdiff1d(
-        np.arange(len(train)), record.train_poison_indices if record.train_poison_indices is not None else []
-    )
+    poisoned_train = np.asarray([] if record.train_poison_indices is None else record.train_poison_indices)
+    if len(poisoned_train) and (poisoned_train.min() < 0 or poisoned_train.max() >= len(train)):
+        raise FireDefenseError(
+            f"{record.path} lists poisoned training indices beyond the {len(train)}-sample training split found."
+        )
+    eligible = np.setdiff1d(np.arange(len(train)), poisoned_train)
     if clean_size > len(eligible):
         raise FireDefenseError(f"clean_size {clean_size} exceeds the {len(eligible)} clean training samples.")
     reference = train.subset(np.sort(rng.choice(eligible, size=clean_size, replace=False)))

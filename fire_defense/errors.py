@@ -8,7 +8,7 @@ traceback from deep inside torch.
 import sys
 from collections.abc import Callable
 
-__all__ = ["FireDefenseError", "NotFittedError", "UnknownNameError", "run_cli"]
+__all__ = ["FireDefenseError", "NotFittedError", "UnknownNameError", "first_line", "run_cli"]
 
 
 class FireDefenseError(Exception):
@@ -31,3 +31,9 @@ def run_cli(prog: str, command: Callable[[], object]) -> int:
         print(f"{prog}: error: {error}", file=sys.stderr)
         return 2
     return 0
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an exception's message (its type name if the message is empty), for one-line errors."""
+    lines = str(error).strip().splitlines()
+    return lines[0] if lines else type(error).__name__

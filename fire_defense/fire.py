@@ -35,11 +35,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
-from fire_defense.errors import FireDefenseError, NotFittedError
+from fire_defense.errors import FireDefenseError, NotFittedError, first_line
 from fire_defense.layers import HookHandles, StopForward, candidate_layers, resolve_layers
+from fire_defense.metrics import predict
 
 __all__ = ["FIRE", "MODES", "RepairedModel"]
 
@@ -183,10 +185,17 @@ class FIRE:
         self.batch_size = batch_size
         self.select = select
         self._fitting = False  # set while a fitting pass runs (not a hyperparameter)
+        self._attached: list[HookHandles] = []  # handles given out by attach()
 
     # --- validation and small helpers ---------------------------------------------------------------------------
 
     def _validate(self) -> None:
+        numbers = {"fpr": self.fpr, "rank": self.rank, "views": self.views, "batch_size": self.batch_size}
+        wrong = [
+            name for name, value in numbers.items() if not isinstance(value, (int, float)) or isinstance(value, bool)
+        ]
+        if wrong:
+            raise FireDefenseError(f"{', '.join(wrong)} must be numbers.")
         if self.mode not in MODES:
             raise FireDefenseError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}.")
         if self.select not in SELECTIONS:
@@ -232,6 +241,14 @@ class FIRE:
         if isinstance(self.alpha, Mapping):
             return float(self.alpha.get(layer, 1.0))
         return float(self.alpha)
+
+    def _refuse_while_attached(self, action: str) -> None:
+        self._attached = [handles for handles in self._attached if handles.attached]
+        if self._attached:
+            raise FireDefenseError(
+                f"the repair hooks are attached (attach() / attached()); remove them before {action}. "
+                "partial_fit() may run while they are attached."
+            )
 
     def _require_fitted(self) -> None:
         if not hasattr(self, "stats_"):
@@ -291,7 +308,7 @@ class FIRE:
         elif activations.shape[1:] != self.stats_[layer].shape:
             raise FireDefenseError(
                 f"layer {layer} gave activations of shape {tuple(activations.shape[1:])}, earlier "
-                f"{tuple(self.stats_[layer].shape)}; inputs must all have the same size."
+                f"{tuple(self.stats_[layer].shape)}; inputs must be batches (N, ...) of one size (one input: x[None])."
             )
         return self.stats_[layer]
 
@@ -317,6 +334,7 @@ class FIRE:
             ``self``.
         """
         self._validate()
+        self._refuse_while_attached("fit()")
         self.stats_: dict[str, _LayerStats] = {}
         self._invalidate()
         clean_batches = self._batches(clean, "clean")
@@ -378,17 +396,22 @@ class FIRE:
             self.layer_scores_ = {layer: {"separation": separation[layer]} for layer in candidates}
             return max(candidates, key=separation.__getitem__)
         probe_clean, probe_poisoned = torch.cat(clean)[:_PROBE_CLEAN], torch.cat(poisoned)
-        with torch.inference_mode():
-            clean_before, poisoned_before = self._predict(probe_clean), self._predict(probe_poisoned)
-        target = torch.mode(poisoned_before).values
+        clean_before = predict(self.model, probe_clean, self.batch_size)
+        poisoned_before = predict(self.model, probe_poisoned, self.batch_size)
+        target = np.bincount(poisoned_before).argmax()  # the attack's label, as the defender can infer it
         every, repair = self.stats_, {}
         try:
             for layer in candidates:
                 self.layers_, self.stats_ = [layer], {layer: every[layer]}
                 self._invalidate()
-                with torch.inference_mode(), self.attached():
-                    moved = (self._predict(probe_poisoned) != target).float().mean()
-                    disturbed = (self._predict(probe_clean) != clean_before).float().mean()
+                hooks = [(layer, self._repair_hook(layer, fitting=True))]
+                self._fitting = True  # (no user hooks can be attached here: fit() refuses then)
+                try:
+                    with HookHandles(self.model, hooks):
+                        moved = np.mean(predict(self.model, probe_poisoned, self.batch_size) != target)
+                        disturbed = np.mean(predict(self.model, probe_clean, self.batch_size) != clean_before)
+                finally:
+                    self._fitting = False
                 repair[layer] = float(moved - disturbed)
         finally:
             self.stats_ = every
@@ -396,9 +419,6 @@ class FIRE:
         self.layer_scores_ = {layer: {"repair": repair[layer], "separation": separation[layer]} for layer in candidates}
         near_best = [layer for layer in candidates if repair[layer] >= max(repair.values()) - _TIE]
         return max(near_best, key=separation.__getitem__)
-
-    def _predict(self, inputs: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.model(batch).argmax(1) for batch in inputs.split(self.batch_size)])
 
     def partial_fit(
         self,
@@ -411,6 +431,10 @@ class FIRE:
         The first call needs ``clean`` (or a prior :meth:`fit`) and named layers. ``trigger`` adds
         the triggered version of ``clean`` as poisoned inputs.
         """
+        if self.rank > 1:
+            raise FireDefenseError("rank > 1 needs all paired differences at once; use fit(), not partial_fit().")
+        if trigger is not None and poisoned is not None:
+            raise FireDefenseError("give poisoned inputs or a trigger, not both.")
         if not hasattr(self, "stats_"):
             self._validate()
             if isinstance(self.layers, str) and self.layers == "auto":
@@ -514,7 +538,9 @@ class FIRE:
         """Attach the repair hooks until the returned handles' ``remove()``: the hot path, with no per-call cost."""
         self._require_fitted()
         self._check_eval()
-        return HookHandles(self.model, [(layer, self._repair_hook(layer, scores)) for layer in self.layers_])
+        handles = HookHandles(self.model, [(layer, self._repair_hook(layer, scores)) for layer in self.layers_])
+        self._attached.append(handles)
+        return handles
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """The repaired forward pass."""
@@ -562,34 +588,46 @@ class FIRE:
     def state_dict(self) -> dict[str, Any]:
         """Directions and statistics as tensors and plain values; saved, it loads with ``weights_only=True``."""
         self._require_fitted()
+        alpha = dict(self.alpha) if isinstance(self.alpha, Mapping) else float(self.alpha)
         return {
             "config": {
                 "layers": list(self.layers_),
                 "mode": self.mode,
+                "alpha": alpha,
                 "fpr": self.fpr,
                 "rank": self.rank,
+                "cascade": self.cascade,
                 "paired": self.paired_,
             },
             "layers": {layer: stats.state() for layer, stats in self.stats_.items()},
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> FIRE:
-        """Restore what :meth:`state_dict` returned; the model must have the same layers."""
+        """Restore what :meth:`state_dict` returned; the model must have the same layers.
+
+        Nothing changes unless the whole state is valid.
+        """
+        self._refuse_while_attached("load_state_dict()")
         try:
-            config, layers = state["config"], state["layers"]
-            self.layers_ = resolve_layers(self.model, config["layers"])
-            self.mode, self.fpr, self.rank, self.paired_ = (
-                config["mode"],
-                config["fpr"],
-                config["rank"],
-                config["paired"],
-            )
-            self.stats_ = {layer: _LayerStats.from_state(layers[layer], self._device) for layer in self.layers_}
-        except (KeyError, TypeError) as error:
-            raise FireDefenseError(f"not a FIRE state dict (missing {error}).") from None
+            config, saved = state["config"], state["layers"]
+            layers = resolve_layers(self.model, config["layers"])
+            settings = {key: config[key] for key in ("mode", "alpha", "fpr", "rank", "cascade")}
+            stats = {layer: _LayerStats.from_state(saved[layer], self._device) for layer in layers}
+            paired = bool(config["paired"])
+        except FireDefenseError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
+            raise FireDefenseError(f"not a FIRE state dict ({type(error).__name__}: {first_line(error)}).") from None
+        previous = {key: getattr(self, key) for key in settings}
+        self.__dict__.update(settings)
+        try:
+            self._validate()
+        except FireDefenseError:
+            self.__dict__.update(previous)
+            raise
+        self.layers_, self.stats_, self.paired_ = layers, stats, paired
         self._keep_poisoned = False
         self._invalidate()
-        self._validate()
         return self
 
     def save(self, path: str | Path) -> None:
@@ -604,7 +642,7 @@ class FIRE:
             raise FireDefenseError(f"{path} does not exist.") from None
         except Exception as error:  # noqa: BLE001 - torch raises many types for a bad or unsafe file
             raise FireDefenseError(
-                f"{path} is not a FIRE state file that loads safely ({str(error).splitlines()[0]})."
+                f"{path} is not a FIRE state file that loads safely ({first_line(error)})."
             ) from None
         return self.load_state_dict(state)
 

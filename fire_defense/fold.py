@@ -65,6 +65,7 @@ def fold(fire: FIRE, example: torch.Tensor, into: str | None = None, atol: float
         FireDefenseError: not a single-layer shift, or the shift cannot be folded where asked.
     """
     fire._require_fitted()
+    fire._refuse_while_attached("fold()")
     if fire.mode != "shift" or len(fire.layers_) != 1:
         raise FireDefenseError(
             "only a single-layer 'shift' repair can be folded; use FIRE(..., mode='shift', layers=one)."

@@ -118,6 +118,11 @@ class HookHandles:
         while self._handles:
             self._handles.pop().remove()
 
+    @property
+    def attached(self) -> bool:
+        """Whether the hooks are still attached."""
+        return bool(self._handles)
+
     def __enter__(self) -> HookHandles:
         return self
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from fire_bench.fire_report import write_report
-from fire_bench.protocol import describe, split_record
 
 from fire_adapters import load_record
+from fire_bench.fire_report import write_report
+from fire_bench.protocol import describe, split_record
 from fire_defense import FireDefenseError
 
 from helpers import write_fake_record

@@ -208,6 +208,17 @@ def test_unknown_split_is_rejected():
         load_dataset("mnist", "val")
 
 
+def test_mnist_files_are_not_taken_for_fashion_mnist(tmp_path):
+    folder = tmp_path / "mixed"
+    write_idx_dataset(folder, compress=False)
+    labels = np.array([7, 2, 1, 0, 4, 1, 4, 9, 5, 9, 3], dtype=np.uint8)  # how MNIST's official test labels begin
+    write_idx(folder / "t10k-labels-idx1-ubyte", np.resize(labels, 40), compress=False)
+    assert len(load_dataset("mnist", "test", root=folder)) == 40
+    spec = dataclasses.replace(get_dataset_spec("fashionmnist"), system_dirs=())
+    with pytest.raises(DatasetNotFoundError, match="'fashionmnist' not found"):
+        load_dataset(spec, "test", root=folder)
+
+
 @pytest.mark.realdata
 def test_real_fashion_mnist_from_the_debian_package():
     require_real_data(FASHION_MNIST_DEBIAN / "t10k-labels-idx1-ubyte.gz", "Debian's dataset-fashion-mnist")

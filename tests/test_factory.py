@@ -7,6 +7,7 @@ import csv
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fire_adapters import factory as factory_module
 from fire_adapters import load_record
@@ -67,11 +68,22 @@ def test_a_finished_record_is_never_rebuilt(data, tmp_path, monkeypatch):
         make_record(other, tmp_path, data_root=data, progress=False)
 
 
-def test_an_interrupted_build_leaves_no_record(data, tmp_path, monkeypatch):
-    def crash(*args, **kwargs):
-        raise KeyboardInterrupt
+def test_a_recipe_cannot_set_what_it_sets_itself():
+    with pytest.raises(FireDefenseError, match="attack_params may not set seed"):
+        RecordRecipe("fashionmnist", "badnet", attack_params={"seed": 3})
 
-    monkeypatch.setattr(torch, "save", crash)
+
+def test_an_interrupted_build_leaves_no_record(data, tmp_path, monkeypatch):
+    original_save = Image.Image.save
+    written = []
+
+    def crash_after_two(image, *args, **kw):  # the build is interrupted while it writes the poisoned images
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(1)
+        return original_save(image, *args, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         make_record(recipe(), tmp_path / "records", data_root=data, progress=False)
     assert list((tmp_path / "records").iterdir()) == []

@@ -234,6 +234,40 @@ def test_state_dict_round_trip_through_a_safe_file(synthetic, tmp_path):
         FIRE(model).load(tmp_path / "bad.pt")
 
 
+def test_state_keeps_alpha_and_bad_state_changes_nothing(synthetic, tmp_path):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder", alpha=0.3).fit(clean, trigger=trigger)
+    fire.save(tmp_path / "fire.pt")
+    loaded = FIRE(model).load(tmp_path / "fire.pt")
+    assert loaded.alpha == 0.3
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded(trigger(test)), fire(trigger(test)))
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(FireDefenseError, match="not a FIRE state file that loads safely"):
+        loaded.load(tmp_path / "empty.pt")
+    state = fire.state_dict()
+    for broken in ({**state, "config": {**state["config"], "fpr": "high"}}, {**state, "layers": []}, {"config": 1}):
+        with pytest.raises(FireDefenseError):
+            loaded.load_state_dict(broken)
+        assert loaded.fpr == fire.fpr and loaded.alpha == 0.3 and loaded.layers_ == ["encoder"]
+
+
+def test_attached_hooks_block_refitting_and_folding_until_removed(synthetic):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder").fit(clean, trigger=trigger)
+    handles = fire.attach()
+    with pytest.raises(FireDefenseError, match=r"remove them before fit\(\)"):
+        fire.fit(clean, trigger=trigger)
+    with pytest.raises(FireDefenseError, match=r"remove them before fold\(\)"):
+        fire.fold(test[:4])
+    handles.remove()
+    fire.fit(clean, trigger=trigger)
+    with pytest.raises(FireDefenseError, match="rank > 1 needs all paired differences at once"):
+        FIRE(model, layers="encoder", mode="project", rank=2).partial_fit(clean=clean)
+    with pytest.raises(FireDefenseError, match="not both"):
+        fire.partial_fit(clean=clean, poisoned=trigger(clean), trigger=trigger)
+
+
 def test_device_and_dtype_follow_the_model(synthetic):
     model, clean, test, labels = synthetic
     model = model.double()

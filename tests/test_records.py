@@ -176,10 +176,16 @@ def test_save_is_atomic_and_never_overwrites_silently(bench, tmp_path, monkeypat
     target = tmp_path / "record" / "crashed"
     kwargs = _small_record(bench)
 
-    def crash(*args, **kw):
-        raise KeyboardInterrupt
+    original_save = Image.Image.save
+    written = []
 
-    monkeypatch.setattr(torch, "save", crash)
+    def crash_after_two(image, *args, **kw):  # the build is interrupted while it writes the poisoned images
+        if len(written) == 2:
+            raise KeyboardInterrupt
+        written.append(1)
+        return original_save(image, *args, **kw)
+
+    monkeypatch.setattr(Image.Image, "save", crash_after_two)
     with pytest.raises(KeyboardInterrupt):
         save_record(target, **kwargs)
     assert not target.exists() and list(target.parent.iterdir()) == []  # no half-written record, no leftovers
@@ -286,6 +292,29 @@ def test_png_path_outside_the_record_is_refused(record_copy):
     torch.save(content, record_copy / RECORD_FILE)
     with pytest.raises(RecordError, match="outside its folder"):
         load_record(record_copy)
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"img_size": 28},
+        {"num_classes": "ten"},
+        {"bd_test": {"bd_data_container": {"data_dict": []}, "poison_indicator": 1, "original_index_array": []}},
+        {"bd_test": {"bd_data_container": {"data_dict": {}}, "poison_indicator": 1.0, "original_index_array": 3}},
+    ],
+)
+def test_malformed_fields_give_record_errors(record_copy, change):
+    _rewrite(record_copy, **change)
+    with pytest.raises(RecordError):
+        load_record(record_copy)
+
+
+def test_save_refuses_metadata_that_could_not_be_loaded_and_shares_the_folder(bench, tmp_path):
+    with pytest.raises(FireDefenseError, match="metadata must hold only plain values"):
+        save_record(tmp_path / "r", **_small_record(bench), metadata={"source": tmp_path})
+    assert not (tmp_path / "r").exists()
+    saved = save_record(tmp_path / "s", **_small_record(bench))
+    assert saved.stat().st_mode & 0o055  # readable by others, like any folder (mkdtemp's 0700 undone)
 
 
 def test_not_a_backdoorbench_file(record_copy):

@@ -23,17 +23,26 @@ from torch import nn
 from fire_adapters.datasets import DatasetSpec, ImageSet, get_dataset_spec
 from fire_defense import FireDefenseError, Registry, drop_none
 
-__all__ = ["ATTACKS", "Attack", "create_attack", "list_attacks", "register_attack", "to_float", "to_uint8"]
+__all__ = [
+    "ATTACKS",
+    "Attack",
+    "create_attack",
+    "list_attacks",
+    "partners",
+    "pick",
+    "register_attack",
+]
 
 
-def to_float(images: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 ``(N, H, W, C)`` -> float ``(N, C, H, W)`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float().div(255.0)
+def pick(positions: torch.Tensor, count: int, generator: torch.Generator) -> torch.Tensor:
+    """``count`` of ``positions`` drawn without replacement (all of them if there are fewer)."""
+    return positions[torch.randperm(len(positions), generator=generator)[:count].to(positions.device)]
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """float ``(N, C, H, W)`` in [0, 1] -> uint8 ``(N, H, W, C)``, rounded."""
-    return images.detach().mul(255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+def partners(chosen: torch.Tensor, size: int, generator: torch.Generator) -> torch.Tensor:
+    """For each position in ``chosen``, another position in ``range(size)``, never itself."""
+    offsets = torch.randint(1, size, (len(chosen),), generator=generator).to(chosen.device)
+    return (chosen + offsets) % size
 
 
 class Attack:
@@ -47,7 +56,9 @@ class Attack:
         target: The target label of an all-to-one attack.
         ratio: Share of the training set that is poisoned (BackdoorBench's ``pratio``).
         all_to_all: Send label ``y`` to ``(y + 1) % classes`` instead of to ``target``.
-        seed: Seeds the choice of poisoned samples and every random part of the trigger.
+        seed: Seeds the choice of poisoned samples and the trigger's random parts, except those an
+            attack fixes with a parameter of its own (Blended's ``pattern_seed``: one pattern across seeds,
+            as BackdoorBench's one image).
     """
 
     name: ClassVar[str] = ""

@@ -52,7 +52,8 @@ class Blended(Attack):
         height, width, channels = self.dataset.img_size
         coarse = torch.from_numpy(np.random.default_rng(self.pattern_seed).random((1, channels, 8, 8)))
         smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)[0]
-        smooth = (smooth - smooth.amin(dim=(1, 2), keepdim=True)) / np.ptp(smooth.numpy(), axis=(1, 2))[:, None, None]
+        low, high = smooth.amin(dim=(1, 2), keepdim=True), smooth.amax(dim=(1, 2), keepdim=True)
+        smooth = (smooth - low) / (high - low)
         return (smooth.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
     def apply(self, images: np.ndarray) -> np.ndarray:

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fire_adapters.attacks.base import Attack, register_attack
+from fire_adapters.attacks.base import Attack, partners, pick, register_attack
 from fire_adapters.datasets import DatasetSpec
 from fire_defense import FireDefenseError
 
@@ -66,8 +66,8 @@ class BppAttack(Attack):
         count = min(round(self.neg_ratio * len(images)), len(clean))
         if count == 0:
             return images, labels, None
-        chosen = clean[torch.randperm(len(clean), generator=generator)[:count].to(clean.device)]
-        donors = torch.randint(0, len(images), (count,), generator=generator).to(images.device)
+        chosen = pick(clean, count, generator)
+        donors = partners(chosen, len(images), generator)
         residual = self.quantise(images[donors]) - images[donors]
         images = images.clone()
         images[chosen] = (images[chosen] + residual).clamp(0, 1)

@@ -24,8 +24,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fire_adapters.attacks.base import Attack, register_attack, to_float, to_uint8
+from fire_adapters.attacks.base import Attack, partners, pick, register_attack
 from fire_adapters.datasets import DatasetSpec, ImageSet
+from fire_adapters.preprocess import to_tensor, to_uint8
 from fire_defense import FireDefenseError
 
 __all__ = ["InputAware", "TriggerGenerator"]
@@ -131,7 +132,7 @@ class InputAware(Attack):
         device = next(self.networks.parameters()).device
         return (
             np.concatenate(
-                [to_uint8(self.trigger(to_float(images[i : i + 512], device))) for i in range(0, len(images), 512)]
+                [to_uint8(self.trigger(to_tensor(images[i : i + 512], device))) for i in range(0, len(images), 512)]
             )
             if len(images)
             else images.copy()
@@ -154,8 +155,8 @@ class InputAware(Attack):
             order = torch.randperm(len(train), generator=generator).numpy()
             partner = torch.randperm(len(train), generator=generator).numpy()
             for start in range(0, len(order) - batch + 1, batch):
-                first = to_float(train.images[order[start : start + batch]], device)
-                second = to_float(train.images[partner[start : start + batch]], device)
+                first = to_tensor(train.images[order[start : start + batch]], device)
+                second = to_tensor(train.images[partner[start : start + batch]], device)
                 masks_first, masks_second = _threshold(mask_net(first)), _threshold(mask_net(second))
                 norm = F.relu(masks_first - self.mask_density).mean()
                 loss = self.lambda_norm * norm + self.lambda_div * _diversity(first, second, masks_first, masks_second)
@@ -175,8 +176,8 @@ class InputAware(Attack):
         if count == 0:
             return images, labels, None
         bad, clean = order[:count], order[count:]
-        cross = clean[torch.randperm(len(clean), generator=generator)[:count].to(clean.device)]
-        sources = clean[torch.randperm(len(clean), generator=generator)[:count].to(clean.device)]
+        cross = pick(clean, count, generator)
+        sources = partners(cross, len(images), generator)  # another image's trigger, never its own
         own_pattern, own_mask = self._pattern_and_mask(images[bad])
         borrowed_pattern, borrowed_mask = self._pattern_and_mask(images[sources])
         out = images.clone()

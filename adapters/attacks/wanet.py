@@ -22,8 +22,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fire_adapters.attacks.base import Attack, register_attack, to_float, to_uint8
+from fire_adapters.attacks.base import Attack, pick, register_attack
 from fire_adapters.datasets import DatasetSpec
+from fire_adapters.preprocess import to_tensor, to_uint8
 from fire_defense import FireDefenseError
 
 __all__ = ["WaNet"]
@@ -71,7 +72,7 @@ class WaNet(Attack):
         return F.grid_sample(images, grid.expand(len(images), -1, -1, -1), align_corners=True)
 
     def apply(self, images: np.ndarray) -> np.ndarray:
-        return to_uint8(self.warp(to_float(images)))
+        return to_uint8(self.warp(to_tensor(images)))
 
     def training_batch(
         self, images: torch.Tensor, labels: torch.Tensor, poisoned: torch.Tensor, generator: torch.Generator
@@ -81,7 +82,7 @@ class WaNet(Attack):
         count = min(round(self.cross_ratio * int(poisoned.sum())), len(clean))
         if count == 0:
             return images, labels, None
-        chosen = clean[torch.randperm(len(clean), generator=generator)[:count].to(clean.device)]
+        chosen = pick(clean, count, generator)
         height = images.shape[-2]
         noise = (torch.rand(count, *self.grid.shape[1:], generator=generator) * 2 - 1).to(images.device)
         noisy_grid = torch.clamp(self.grid.to(images.device) + noise / height, -1, 1)
