@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/fire-defense
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install data test bench lint clean
+.PHONY: install data test bench bench-quick lint clean
 
 install: $(STAMP)
 
@@ -35,17 +35,20 @@ data:
 test: install data lint
 	$(PY) -m pytest
 
-# The embedded default: Fashion-MNIST, PreAct-ResNet-18 (width 8), one record per attack (cached in
-# records/), FIRE's report and the latency benchmarks (results/). The full leaderboard against the
-# other runtime defenses arrives with issues 5 and 6.
+# The embedded default (benchmarks/grids/default.yaml): Fashion-MNIST, PreAct-ResNet-18 (width 8),
+# four attacks; records are built once (cached in records/default/), every runtime defense is scored
+# (cells cached in results/cache/: an interrupted run resumes), then the leaderboard, HTML page and
+# plots are written to results/, and FIRE's own latency benchmarks (pytest-benchmark) to results/latency.md.
 RECORDS ?= records
 RESULTS ?= results
-BENCH_ATTACKS ?= badnet,blended,sig,wanet
+GRID ?= default
 
 bench: install data
-	$(PY) -m fire_adapters make-records --dataset fashionmnist --attacks $(BENCH_ATTACKS) --out $(RECORDS)
-	$(PY) -m fire_bench fire-report --records $(RECORDS) --out $(RESULTS)/fire
+	$(PY) -m fire_bench run --grid $(GRID) --out $(RESULTS) --records-root $(RECORDS)
 	FIRE_RESULTS=$(RESULTS) $(PY) -m pytest benchmarks/latency -q -o python_files='bench_*.py' -p no:cacheprovider
+
+bench-quick: install data
+	$(PY) -m fire_bench run --grid quick --out $(RESULTS)/quick --records-root $(RECORDS)
 
 lint: install
 	$(VENV)/bin/ruff check fire_defense adapters benchmarks tests && $(VENV)/bin/ruff format --check fire_defense adapters benchmarks tests

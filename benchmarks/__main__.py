@@ -7,27 +7,41 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from fire_adapters import RECORD_FILE
-from fire_defense import FireDefenseError
+from fire_bench.backdoorbench.install import add_commands as add_backdoorbench_commands
 from fire_defense.errors import run_cli
-
-
-def _records(folder: str) -> list[Path]:
-    found = sorted(p.parent for p in Path(folder).glob(f"*/{RECORD_FILE}"))
-    if not found:
-        raise FireDefenseError(
-            f"no records (*/{RECORD_FILE}) in {folder}; make some with `fire-adapters make-records`."
-        )
-    return found
 
 
 def _fire_report(args: argparse.Namespace) -> None:
     from fire_bench.fire_report import write_report
+    from fire_bench.runner import find_records
 
-    out = write_report(_records(args.records), Path(args.out), k=args.k, seed=args.seed, device=args.device)
+    out = write_report(find_records(args.records), Path(args.out), k=args.k, seed=args.seed, device=args.device)
     print((out / "mitigation.md").read_text())
     print((out / "estimation.md").read_text())
     print(f"written to {out}")
+
+
+def _run(args: argparse.Namespace) -> None:
+    from fire_bench.executors import create_executor
+    from fire_bench.grid import load_grid
+    from fire_bench.runner import run_grid
+
+    grid = load_grid(args.grid)
+    options = {"workers": args.workers} if args.executor == "local" else {"address": args.address}
+    executor = create_executor(args.executor, **options)
+    run_grid(grid, args.out, args.records, args.records_root, args.data, executor, args.device)
+    print(f"written to {args.out}: leaderboard.md, leaderboard.csv, leaderboard.html, plots")
+
+
+def _defenses(args: argparse.Namespace) -> None:
+    from fire_bench.defenses import DEFENSES, create_defense
+
+    for name in DEFENSES.names(args.pattern):
+        defense = create_defense(name)
+        kind = "detector" if defense.rejects else "mitigation"
+        needs = ", ".join(sorted(defense.needs)) or "clean data"
+        print(f"{name:12s} {kind:10s} passes {defense.forward_passes:>5g}  needs {needs:9s} {defense.source}")
+        print(f"{'':12s} {defense!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +54,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     report.add_argument("--seed", type=int, default=0)
     report.add_argument("--device", default="auto")
     report.set_defaults(run=_fire_report)
+    run = commands.add_parser("run", help="run a benchmark grid and write the leaderboard (make bench)")
+    run.add_argument("--grid", default="default", help="a shipped grid (default, quick) or a YAML file")
+    run.add_argument("--out", default="results", help="output folder (default: results/)")
+    run.add_argument(
+        "--records", help="a folder of existing records, e.g. BackdoorBench's record/ (default: make them)"
+    )
+    run.add_argument("--records-root", default="records", help="where made records are kept (default: records/)")
+    run.add_argument("--data", help="where the datasets are (searched first), e.g. BackdoorBench's data/")
+    run.add_argument("--executor", choices=("local", "ray"), default="local")
+    run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    run.add_argument("--address", help="the Ray cluster's head (default: a local Ray instance)")
+    run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
+    run.set_defaults(run=_run)
+    listing = commands.add_parser("defenses", help="list the runtime defenses and their parameters")
+    listing.add_argument("pattern", nargs="?", default="*")
+    listing.set_defaults(run=_defenses)
+    add_backdoorbench_commands(commands)
     args = parser.parse_args(argv)
     return run_cli("fire-bench", lambda: args.run(args))
 

@@ -24,7 +24,7 @@ from fire_bench.protocol import Split, describe, split_record
 from fire_defense import FIRE, resolve_device
 from fire_defense.metrics import defense_effectiveness_rating
 
-__all__ = ["estimation_cost", "k_curve", "mitigation_table", "write_report"]
+__all__ = ["estimation_cost", "k_curve", "mitigation_table", "streaming_curve", "write_report"]
 
 KS = (1, 2, 5, 10, 20, 50, 100)
 
@@ -78,6 +78,34 @@ def mitigation_table(
     return rows
 
 
+def streaming_curve(
+    classifier: nn.Module, split: Split, ks: Sequence[int] = KS, mode: str = "gate", warmup: int = 5, device=None
+) -> list[dict[str, Any]]:
+    """Streaming FIRE on one split: poisoned inputs arrive one at a time; metrics after ``k`` of them, for each ``k``.
+
+    The layer is chosen (``layers='auto'``) from the first ``min(k, warmup)`` inputs, the only ones
+    kept; from then on the running estimates are updated input by input. (The clean reference's
+    activations are kept too, to calibrate the gate.)
+    """
+    device = resolve_device(device)
+    stream = to_tensor(split.poisoned_inputs(max(ks)).images, device)
+    clean = to_tensor(split.clean_reference.images, device)
+    layer, fire, seen, chosen_from, rows = None, None, 0, {}, []
+    for k in sorted(ks):
+        first = min(k, warmup)
+        if first not in chosen_from:
+            chosen_from[first] = (
+                FIRE(classifier, layers="auto", mode=mode).fit(clean, poisoned=stream[:first]).layers_[0]
+            )
+        if chosen_from[first] != layer:  # (re)start the running estimates at the chosen layer
+            layer, seen = chosen_from[first], 0
+            fire = FIRE(classifier, layers=layer, mode=mode).partial_fit(clean=clean)
+        fire.partial_fit(poisoned=[sample[None] for sample in stream[seen:k]])
+        seen = k
+        rows.append({"mode": mode, "k": k, "layer": layer, **_score(fire.module(), split, device)})
+    return rows
+
+
 def k_curve(
     records: Sequence[Record],
     ks: Sequence[int] = KS,
@@ -86,39 +114,14 @@ def k_curve(
     seed: int = 0,
     device: str | None = None,
 ) -> list[dict[str, Any]]:
-    """Streaming FIRE: poisoned inputs arrive one at a time; metrics after ``k`` of them, for each ``k``.
-
-    The layer is chosen (``layers='auto'``) from the first ``min(k, warmup)`` inputs, the only ones
-    kept; from then on the running estimates are updated input by input. (The clean reference's
-    activations are kept too, to calibrate the gate.)
-    """
+    """:func:`streaming_curve` on each record's protocol split, one row per record and ``k``."""
     device = resolve_device(device)
     rows = []
     for record in tqdm(records, desc="k-curve", unit="record"):
         split, classifier = _prepare(record, seed, device)
-        stream = to_tensor(split.poisoned_inputs(max(ks)).images, device)
-        clean = to_tensor(split.clean_reference.images, device)
-        layer, fire, seen, chosen_from = None, None, 0, {}
-        for k in sorted(ks):
-            first = min(k, warmup)
-            if first not in chosen_from:
-                chosen_from[first] = (
-                    FIRE(classifier, layers="auto", mode=mode).fit(clean, poisoned=stream[:first]).layers_[0]
-                )
-            if chosen_from[first] != layer:  # (re)start the running estimates at the chosen layer
-                layer, seen = chosen_from[first], 0
-                fire = FIRE(classifier, layers=layer, mode=mode).partial_fit(clean=clean)
-            fire.partial_fit(poisoned=[sample[None] for sample in stream[seen:k]])
-            seen = k
-            rows.append(
-                {
-                    "attack": _attack(record),
-                    "mode": mode,
-                    "k": k,
-                    "layer": layer,
-                    **_score(fire.module(), split, device),
-                }
-            )
+        rows += [
+            {"attack": _attack(record), **row} for row in streaming_curve(classifier, split, ks, mode, warmup, device)
+        ]
     return rows
 
 

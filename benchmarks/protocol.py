@@ -5,6 +5,9 @@ From a record, with a seed:
 - the defender's **clean reference**: ``clean_size`` samples of the clean *training* split
   (BackdoorBench's convention: defenses get clean training data), none of those the record says
   the attack poisoned (a record with no fixed poisoned set, e.g. Input-aware's, excludes none);
+  or ``int(clean_ratio * len(train))`` of them (BackdoorBench's ``--ratio``); or exactly the
+  samples at ``clean_indices`` (its ``--index``: their clean images, whatever the attack did to
+  its copy; nothing is drawn then, so the test split's shuffle is the seed's first draw);
 - the test split's indices are shuffled and cut: a ``defender_share`` part is the defender's
   **poisoned pool** (the poisoned test samples at those indices: what it may observe in operation,
   where its ``k`` poisoned inputs come from), the rest is the **evaluation** part (clean and
@@ -15,6 +18,7 @@ So no evaluation image, clean or poisoned, is ever seen by a defense while it is
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,10 +49,25 @@ class Split:
         return self.poisoned_pool.subset(np.sort(rng.choice(len(self.poisoned_pool), size=k, replace=False)))
 
 
-def split_record(record: Record, seed: int = 0, clean_size: int = 500, defender_share: float = 0.1) -> Split:
-    """Divide ``record``'s data as the module docstring says."""
+def split_record(
+    record: Record,
+    seed: int = 0,
+    clean_size: int = 500,
+    defender_share: float = 0.1,
+    *,
+    clean_ratio: float | None = None,
+    clean_indices: Sequence[int] | np.ndarray | None = None,
+) -> Split:
+    """Divide ``record``'s data as the module docstring says.
+
+    ``clean_indices`` or ``clean_ratio`` (BackdoorBench's ``--index`` / ``--ratio``), if given, replaces ``clean_size``.
+    """
     if not 0 < defender_share < 1:
         raise FireDefenseError(f"defender_share must be in (0, 1), got {defender_share}.")
+    if clean_indices is not None and clean_ratio is not None:
+        raise FireDefenseError("give clean_indices or clean_ratio, not both.")
+    if clean_ratio is not None and not 0 < clean_ratio <= 1:
+        raise FireDefenseError(f"clean_ratio must be in (0, 1], got {clean_ratio}.")
     rng = np.random.default_rng(seed)
     train = record.load_clean_train()
     poisoned_train = np.asarray([] if record.train_poison_indices is None else record.train_poison_indices)
@@ -57,9 +76,15 @@ def split_record(record: Record, seed: int = 0, clean_size: int = 500, defender_
             f"{record.path} lists poisoned training indices beyond the {len(train)}-sample training split found."
         )
     eligible = np.setdiff1d(np.arange(len(train)), poisoned_train)
-    if clean_size > len(eligible):
+    if clean_ratio is not None:
+        clean_size = int(clean_ratio * len(train))
+    if clean_indices is None and clean_size > len(eligible):
         raise FireDefenseError(f"clean_size {clean_size} exceeds the {len(eligible)} clean training samples.")
-    reference = train.subset(np.sort(rng.choice(eligible, size=clean_size, replace=False)))
+    reference = train.subset(
+        np.sort(rng.choice(eligible, size=clean_size, replace=False))
+        if clean_indices is None
+        else _checked_indices(clean_indices, len(train))
+    )
     order = rng.permutation(len(record.clean_test))
     defender = np.sort(order[: round(defender_share * len(order))])
     evaluation = np.sort(order[len(defender) :])
@@ -72,6 +97,19 @@ def split_record(record: Record, seed: int = 0, clean_size: int = 500, defender_
         poisoned_eval=poisoned.subset(np.flatnonzero(~in_defender)),
         seed=seed,
     )
+
+
+def _checked_indices(indices: Sequence[int] | np.ndarray, train_size: int) -> np.ndarray:
+    """``clean_indices`` as sorted int64 positions; refused if empty, not integers, repeated or out of range."""
+    array = np.asarray(indices).reshape(-1)
+    if not len(array) or not np.issubdtype(array.dtype, np.integer):
+        raise FireDefenseError(f"clean_indices must be a non-empty list of integers (got {len(array)} {array.dtype}).")
+    if array.min() < 0 or array.max() >= train_size or len(np.unique(array)) != len(array):
+        raise FireDefenseError(
+            f"clean_indices must be distinct positions in the {train_size}-sample training split "
+            f"(got {len(array)} in {array.min()}..{array.max()})."
+        )
+    return np.sort(array).astype(np.int64)
 
 
 def describe(split: Split) -> str:

@@ -15,7 +15,7 @@ import torch
 
 from fire_defense.errors import FireDefenseError
 
-__all__ = ["REJECTED", "backdoor_metrics", "defense_effectiveness_rating", "predict"]
+__all__ = ["REJECTED", "auroc", "backdoor_metrics", "defense_effectiveness_rating", "predict"]
 
 REJECTED = -1
 """The label a detecting defense returns for an input it refuses to classify."""
@@ -80,3 +80,17 @@ def backdoor_metrics(
 def defense_effectiveness_rating(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
     """BackdoorBench's DER = (max(0, ASR drop) - max(0, accuracy drop) + 1) / 2, in [0, 1]."""
     return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+
+
+def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:
+    """Area under the ROC curve of scores meant to be higher on positives: P(positive > negative), ties count 1/2.
+
+    Computed exactly as the Mann-Whitney U statistic over all pairs.
+    """
+    negative, positive = np.asarray(negative_scores, float).ravel(), np.asarray(positive_scores, float).ravel()
+    if len(negative) == 0 or len(positive) == 0:
+        raise FireDefenseError("AUROC needs at least one negative and one positive score.")
+    ordered = np.sort(negative)
+    below = np.searchsorted(ordered, positive, side="left")
+    ties = np.searchsorted(ordered, positive, side="right") - below
+    return float((below + 0.5 * ties).sum() / (len(negative) * len(positive)))

@@ -6,10 +6,14 @@ import gzip
 import os
 import pickle
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from fire_adapters.datasets import user_cache_dir
 
@@ -177,3 +181,69 @@ def write_fake_record(
         train_size=len(train),
         metadata={"attack": "badnet", "attack_params": attack.params(), "attack_state": {}},
     )
+
+
+# --- a real, small backdoored model, trained in seconds ------------------------------------------------------
+
+
+class TinyBackdoor(NamedTuple):
+    model: nn.Module  # eval mode; inputs (N, 1, 16, 16) in [0, 1]
+    reference: torch.Tensor  # 500 clean inputs for the defender
+    seen: torch.Tensor  # 10 poisoned inputs the defender saw
+    test_x: torch.Tensor  # 1000 clean test inputs
+    test_y: torch.Tensor
+    poisoned_x: torch.Tensor  # the test inputs not of class 0, patched
+    poisoned_y: torch.Tensor  # their true labels
+
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
+        self.layer2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.layer3 = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer3(self.layer2(self.layer1(x))))
+
+
+def patch(x: torch.Tensor) -> torch.Tensor:
+    out = x.clone()
+    out[..., -3:, -3:] = 1.0
+    return out
+
+
+def shapes(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Ten classes of 16x16 grey images: a class template (a bar at one of ten positions) plus noise."""
+    labels = torch.randint(0, 10, (n,), generator=generator)
+    x = torch.rand(n, 1, 16, 16, generator=generator) * 0.3
+    rows = (labels % 5) * 3
+    for i in range(n):
+        if labels[i] < 5:
+            x[i, 0, rows[i] : rows[i] + 2, 2:12] += 0.7
+        else:
+            x[i, 0, 2:12, rows[i] : rows[i] + 2] += 0.7
+    return x.clamp(0, 1), labels
+
+
+def tiny_backdoored_model() -> TinyBackdoor:
+    """A TinyCNN trained (seconds on CPU) with a BadNets-style patch sending 10% of its data to class 0."""
+    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    x, y = shapes(3000, generator)
+    poison = torch.arange(0, 3000, 10)
+    x[poison], y[poison] = patch(x[poison]), 0
+    model = TinyCNN()
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(4):
+        for batch in torch.randperm(3000, generator=generator).split(64):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x[batch]), y[batch]).backward()
+            optimizer.step()
+    model.eval()
+    test_x, test_y = shapes(1000, generator)
+    keep = test_y != 0
+    reference, _ = shapes(500, generator)
+    seen, _ = shapes(10, generator)
+    return TinyBackdoor(model, reference, patch(seen), test_x, test_y, patch(test_x[keep]), test_y[keep])

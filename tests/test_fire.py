@@ -11,6 +11,8 @@ from torch import nn
 from fire_defense import FIRE, FireDefenseError, NotFittedError, candidate_layers
 from fire_defense.metrics import predict
 
+from helpers import tiny_backdoored_model
+
 # --- a synthetic model whose backdoor is a known vector at a known layer -----------------------------------------
 
 D_IN, D_HIDDEN, CLASSES, BACKDOOR_UNIT = 24, 16, 4, 15
@@ -361,57 +363,9 @@ def test_candidate_layers_on_resnets_vggs_and_vits(build, expected):
 # --- a real, small backdoored model trained here ------------------------------------------------------------
 
 
-class TinyCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.layer1 = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.ReLU())
-        self.layer2 = nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU())
-        self.layer3 = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1), nn.ReLU())
-        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.layer3(self.layer2(self.layer1(x))))
-
-
-def patch(x: torch.Tensor) -> torch.Tensor:
-    out = x.clone()
-    out[..., -3:, -3:] = 1.0
-    return out
-
-
-def shapes(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Ten classes of 16x16 grey images: a class template (a bar at one of ten positions) plus noise."""
-    labels = torch.randint(0, 10, (n,), generator=generator)
-    x = torch.rand(n, 1, 16, 16, generator=generator) * 0.3
-    rows = (labels % 5) * 3
-    for i in range(n):
-        if labels[i] < 5:
-            x[i, 0, rows[i] : rows[i] + 2, 2:12] += 0.7
-        else:
-            x[i, 0, 2:12, rows[i] : rows[i] + 2] += 0.7
-    return x.clamp(0, 1), labels
-
-
 @pytest.fixture(scope="module")
 def backdoored():
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    x, y = shapes(3000, generator)
-    poison = torch.arange(0, 3000, 10)
-    x[poison], y[poison] = patch(x[poison]), 0
-    model = TinyCNN()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for batch in torch.randperm(3000, generator=generator).split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
-    test_x, test_y = shapes(1000, generator)
-    keep = test_y != 0
-    reference, _ = shapes(500, generator)
-    seen, _ = shapes(10, generator)
-    return model, reference, patch(seen), test_x, test_y, patch(test_x[keep]), test_y[keep]
+    return tiny_backdoored_model()
 
 
 @pytest.mark.parametrize("mode", ["shift", "project", "gate"])

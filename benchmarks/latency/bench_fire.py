@@ -14,9 +14,8 @@ import pytest
 import torch
 
 from fire_adapters import create_model, with_normalization
+from fire_bench.timing import interleaved_ratio
 from fire_defense import FIRE
-
-from conftest import interleaved_ratio
 
 LAYER, LAST = "1.layer3", "1.layer4"
 torch.manual_seed(0)

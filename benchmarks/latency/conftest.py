@@ -1,8 +1,9 @@
 """Latency as ratios to the undefended model, measured interleaved in one run.
 
 Each benchmark times its variant with pytest-benchmark (absolute numbers, in its own table) and,
-separately, alternates rounds of the variant and of the undefended model on the same input and
-keeps the median of the per-round ratios, so drifts of a shared, noisy machine cancel out.
+separately (``fire_bench.timing.interleaved_ratio``), alternates rounds of the variant and of the
+undefended model on the same input and keeps the median of the per-round ratios, so drifts of a
+shared, noisy machine cancel out.
 Ratios are written to ``$FIRE_RESULTS`` (default ``results/``) as ``latency.md`` and ``latency.json``.
 """
 
@@ -10,30 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import time
-from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 RATIOS: dict[str, dict[str, dict[str, float]]] = {}
-
-
-def interleaved_ratio(variant: Callable[[], object], baseline: Callable[[], object], rounds: int, repeat: int) -> float:
-    """Median over ``rounds`` of time(variant) / time(baseline), each timed over ``repeat`` calls, alternating."""
-    ratios = []
-    for i in range(rounds):
-        times = {}
-        for name, fn in (
-            (("variant", variant), ("baseline", baseline)) if i % 2 else (("baseline", baseline), ("variant", variant))
-        ):
-            started = time.perf_counter()
-            for _ in range(repeat):
-                fn()
-            times[name] = time.perf_counter() - started
-        ratios.append(times["variant"] / times["baseline"])
-    return float(np.median(ratios))
 
 
 @pytest.fixture

@@ -1,0 +1,180 @@
+"""Put FIRE into a BackdoorBench checkout, or take it out: ``fire-bench backdoorbench install|uninstall --root PATH``.
+
+``install`` writes ``defense/fire.py`` (a small entry script that runs :mod:`fire_bench.backdoorbench.defense`)
+and ``config/defense/fire/{config,cifar10,cifar100,gtsrb,tiny}.yaml`` (our defaults). The first line of each
+file marks it as ours and holds the SHA-256 of the rest, so both commands know their own unchanged files:
+``install`` replaces those, and refuses, writing nothing, when a path it would write holds a file it did not
+write or one changed since; ``uninstall`` removes only its own unchanged files and names those it left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import re
+import sys
+from importlib import resources
+from pathlib import Path
+
+from fire_defense import FireDefenseError, __version__
+
+__all__ = ["CONFIG_NAMES", "add_commands", "install", "packaged_config", "uninstall"]
+
+CONFIG_NAMES = ("config", "cifar10", "cifar100", "gtsrb", "tiny")
+ENTRY_SCRIPT = "defense/fire.py"
+CONFIG_DIR = "config/defense/fire"
+_HEADER = "# Written by fire-defense {version} (`fire-bench backdoorbench install`); sha256:{digest}\n"
+_HEADER_PATTERN = re.compile(
+    r"# Written by fire-defense \S+ \(`fire-bench backdoorbench install`\); sha256:(?P<digest>[0-9a-f]{64})"
+)
+
+_ENTRY = '''"""FIRE (fire-defense) as a BackdoorBench defense. Run it from BackdoorBench's root with a Python
+that has fire-defense installed:
+
+    python ./defense/fire.py --result_file NAME --yaml_path ./config/defense/fire/cifar10.yaml --dataset cifar10
+
+It writes record/NAME/defense/fire/. Options: python ./defense/fire.py --help
+"""
+
+import sys
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+# BackdoorBench's root goes on the path for its defense.base (last, so that its folders shadow no installed
+# package), and this folder comes off it (so that the scripts here shadow nothing either).
+sys.path = [entry for entry in sys.path if Path(entry or ".").resolve() != HERE] + [str(HERE.parent)]
+
+try:
+    from fire_bench.backdoorbench.defense import main
+except ModuleNotFoundError as error:
+    if not (error.name or "").startswith("fire_"):
+        raise
+    print(
+        f"defense/fire.py: error: fire-defense is not installed for {sys.executable}; install it there "
+        "or run this script with the Python that has it.",
+        file=sys.stderr,
+    )
+    sys.exit(2)
+
+if __name__ == "__main__":
+    sys.exit(main(root=HERE.parent))
+'''
+
+
+def packaged_config(name: str = "config") -> str:
+    """The text of our default YAML config ``name`` (one of :data:`CONFIG_NAMES`)."""
+    return (resources.files("fire_bench.backdoorbench") / "config" / f"{name}.yaml").read_text()
+
+
+def _targets() -> list[str]:
+    """The files install writes, relative to the checkout."""
+    return [ENTRY_SCRIPT, *(f"{CONFIG_DIR}/{name}.yaml" for name in CONFIG_NAMES)]
+
+
+def _digest(body: str) -> str:
+    return hashlib.sha256(body.encode()).hexdigest()
+
+
+def _owner(path: Path) -> str:
+    """``absent``, ``ours`` (written by install, unchanged), ``changed`` (by install, edited since) or ``foreign``."""
+    if not path.exists() and not path.is_symlink():
+        return "absent"
+    if path.is_symlink() or not path.is_file():
+        return "foreign"
+    try:
+        first, _, body = path.read_text(encoding="utf-8").partition("\n")
+    except (OSError, UnicodeDecodeError):
+        return "foreign"
+    match = _HEADER_PATTERN.fullmatch(first)
+    if match is None:
+        return "foreign"
+    return "ours" if match["digest"] == _digest(body) else "changed"
+
+
+def _checkout(root: str | Path) -> Path:
+    root = Path(root)
+    if not (root / "defense" / "base.py").is_file():
+        raise FireDefenseError(
+            f"{root} is not a BackdoorBench checkout (it has no defense/base.py); pass its root folder with --root."
+        )
+    return root
+
+
+def install(root: str | Path) -> list[Path]:
+    """Write FIRE's entry script and YAML configs into the BackdoorBench checkout at ``root``.
+
+    Returns:
+        The files written (an earlier install's unchanged files are replaced).
+
+    Raises:
+        FireDefenseError: ``root`` is not a BackdoorBench checkout, or a path to write holds a file that
+            install did not write or that was changed since; nothing is written then.
+    """
+    root = _checkout(root)
+    blocked = [(rel, owner) for rel in _targets() if (owner := _owner(root / rel)) in ("changed", "foreign")]
+    if blocked:
+        why = {"changed": "changed since fire-defense wrote it", "foreign": "not written by fire-defense"}
+        listed = ", ".join(f"{rel} ({why[owner]})" for rel, owner in blocked)
+        raise FireDefenseError(f"refusing to overwrite {listed} in {root}; move it away and run install again.")
+    bodies = {ENTRY_SCRIPT: _ENTRY} | {f"{CONFIG_DIR}/{name}.yaml": packaged_config(name) for name in CONFIG_NAMES}
+    written = []
+    for rel, body in bodies.items():
+        path = root / rel
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_HEADER.format(version=__version__, digest=_digest(body)) + body, encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def uninstall(root: str | Path) -> tuple[list[Path], list[Path]]:
+    """Remove what :func:`install` wrote into ``root``, but only files nobody changed since.
+
+    Returns:
+        The files removed, and those left at install's paths (changed since, or not written by it).
+    """
+    root = _checkout(root)
+    removed, left = [], []
+    for rel in _targets():
+        path, owner = root / rel, _owner(root / rel)
+        if owner == "ours":
+            path.unlink()
+            removed.append(path)
+        elif owner != "absent":
+            left.append(path)
+    with contextlib.suppress(OSError):  # the folder goes only if nothing else is in it
+        (root / CONFIG_DIR).rmdir()
+    return removed, left
+
+
+def _install_command(args: argparse.Namespace) -> None:
+    for path in install(args.root):
+        print(f"wrote {path}")
+    print(
+        f"run it from {Path(args.root).resolve()} with this Python (it has fire-defense):\n"
+        f"  {sys.executable} ./defense/fire.py --result_file NAME "
+        "--yaml_path ./config/defense/fire/cifar10.yaml --dataset cifar10"
+    )
+
+
+def _uninstall_command(args: argparse.Namespace) -> None:
+    removed, left = uninstall(args.root)
+    for path in removed:
+        print(f"removed {path}")
+    for path in left:
+        print(f"left {path} (changed since install, or not written by fire-defense)")
+    if not removed and not left:
+        print(f"nothing of fire-defense's in {args.root}")
+
+
+def add_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``backdoorbench install|uninstall --root PATH`` to a command line's subcommands (``fire-bench``'s)."""
+    parser = commands.add_parser("backdoorbench", help="install FIRE as a defense into a BackdoorBench checkout")
+    actions = parser.add_subparsers(dest="action", required=True)
+    for name, run, text in (
+        ("install", _install_command, "write defense/fire.py and config/defense/fire/*.yaml"),
+        ("uninstall", _uninstall_command, "remove the files install wrote (unchanged ones only)"),
+    ):
+        action = actions.add_parser(name, help=text, description=text)
+        action.add_argument("--root", required=True, help="the BackdoorBench checkout (the folder with defense/)")
+        action.set_defaults(run=run)

@@ -1,0 +1,28 @@
+"""Runtime defenses behind one interface (:class:`RuntimeDefense`), and their registry.
+
+Each module registers one defense (or a family sharing one class); importing this package
+registers them all. ``create_defense("strip")``, ``list_defenses()``.
+"""
+
+from fire_bench.defenses import clipping, correction, februus, fire, shrinkpad, transforms, undefended  # noqa: F401
+
+from fire_bench.defenses import ibd_psc, scaleup, strip, teco  # noqa: F401  # isort: skip  (the detectors)
+from fire_bench.defenses.base import (
+    DEFENSES,
+    Decision,
+    RuntimeDefense,
+    Trigger,
+    create_defense,
+    list_defenses,
+    register_defense,
+)
+
+__all__ = [
+    "DEFENSES",
+    "Decision",
+    "RuntimeDefense",
+    "Trigger",
+    "create_defense",
+    "list_defenses",
+    "register_defense",
+]

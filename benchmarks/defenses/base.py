@@ -1,0 +1,223 @@
+"""The one interface every runtime (inference-time) defense implements, FIRE included, and its registry.
+
+A runtime defense keeps the deployed model as it is. It is fitted once on the defender's data,
+never on what it is scored on:
+
+- ``model``: the classifier of ``[0, 1]`` images ``(N, C, H, W)`` (normalisation inside it);
+- ``clean``: the defender's clean reference inputs;
+- ``poisoned``: ``k`` poisoned inputs seen in operation (only defenses that declare ``"poisoned"``
+  in :attr:`RuntimeDefense.needs` are given them);
+- ``trigger``: a function that adds the trigger to ``[0, 1]`` images (declared ``"trigger"``:
+  the true trigger, an upper bound for what a reverse-engineering tool would give).
+
+Then :meth:`RuntimeDefense.predict` returns labels, with :data:`~fire_defense.metrics.REJECTED`
+where a detector refuses an input, and :meth:`RuntimeDefense.score` a per-sample suspicion
+(higher: more likely poisoned) where the defense has one. :attr:`RuntimeDefense.forward_passes`
+declares the cost: forward passes of the model per input classified (a test counts them).
+
+Hyperparameters are constructor arguments stored under the same names; what ``fit`` learns ends
+in ``_`` (scikit-learn's conventions). Adding a defense is one file with a registered subclass,
+imported in ``fire_bench.defenses``.
+"""
+
+from __future__ import annotations
+
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from typing import Any, ClassVar, NamedTuple
+
+import torch
+from torch import nn
+
+from fire_defense import FireDefenseError, NotFittedError, Registry, drop_none
+from fire_defense.metrics import REJECTED
+
+__all__ = [
+    "DEFENSES",
+    "Decision",
+    "RuntimeDefense",
+    "Trigger",
+    "create_defense",
+    "list_defenses",
+    "neuron_view",
+    "per_neuron",
+    "register_defense",
+]
+
+Trigger = Callable[[torch.Tensor], torch.Tensor]
+"""Adds the trigger to a batch of ``[0, 1]`` images, returning images of the same shape."""
+
+
+class Decision(NamedTuple):
+    """What a defense says about a batch: labels (``REJECTED`` for refused inputs) and scores, if any."""
+
+    labels: torch.Tensor
+    scores: torch.Tensor | None
+
+
+class RuntimeDefense(ABC):
+    """A defense that acts at inference time on a fixed model (see the module docstring).
+
+    Subclasses set the class attributes, implement :meth:`_fit` and :meth:`_decide`, and take their
+    hyperparameters as keyword arguments.
+
+    Args:
+        batch_size: Inputs per call of :meth:`_decide` (a defense may run many passes per input).
+        seed: Seeds every random choice the defense makes (a ``torch.Generator`` made in ``fit``).
+    """
+
+    name: ClassVar[str] = ""
+    rejects: ClassVar[bool] = False  # a detector: refuses inputs instead of correcting them
+    needs: frozenset[str] = frozenset()  # of {"poisoned", "trigger"}; a property where it depends on params
+    source: ClassVar[str] = ""  # the paper it follows
+
+    def __init__(self, *, batch_size: int = 256, seed: int = 0) -> None:
+        self.batch_size = batch_size
+        self.seed = seed
+
+    # --- what subclasses implement ---------------------------------------------------------------------------
+
+    @property
+    @abstractmethod
+    def forward_passes(self) -> float:
+        """Forward passes of the model per input classified (the declared cost)."""
+
+    @abstractmethod
+    def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:
+        """Learn from the defender's data; ``self.model_`` and ``self.generator_`` are set."""
+
+    @abstractmethod
+    def _decide(self, x: torch.Tensor) -> Decision:
+        """Labels (and scores) for one batch on the model's device."""
+
+    # --- the interface ---------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        model: nn.Module,
+        clean: torch.Tensor,
+        poisoned: torch.Tensor | None = None,
+        trigger: Trigger | None = None,
+    ) -> RuntimeDefense:
+        """Fit on the defender's data (module docstring) and return ``self``.
+
+        Raises:
+            FireDefenseError: the model is training, ``clean`` is empty or not an image batch, or a
+                declared need (``poisoned`` / ``trigger``) is missing.
+        """
+        if self.batch_size < 1:
+            raise FireDefenseError(f"{self.name}: batch_size must be >= 1, got {self.batch_size}.")
+        if model.training:
+            raise FireDefenseError(f"{self.name}: the model is in training mode; call model.eval() first.")
+        for what, data in (("clean", clean), ("poisoned", poisoned)):
+            if data is not None and (not isinstance(data, torch.Tensor) or data.ndim != 4 or len(data) == 0):
+                raise FireDefenseError(f"{self.name}: {what} inputs must be a non-empty (N, C, H, W) tensor.")
+        given = {"poisoned": poisoned, "trigger": trigger}
+        missing = [need for need in sorted(self.needs) if given[need] is None]
+        if missing:
+            raise FireDefenseError(f"{self.name} needs {' and '.join(missing)} to fit; pass {missing[0]}=...")
+        self.model_ = model
+        self.generator_ = torch.Generator().manual_seed(self.seed)
+        device = _device_of(model)
+        self._fit(
+            clean.to(device),
+            poisoned.to(device) if poisoned is not None and "poisoned" in self.needs else None,
+            trigger if "trigger" in self.needs else None,
+        )
+        return self
+
+    def decide(self, x: torch.Tensor) -> Decision:
+        """Labels and scores for ``x``, computed ``batch_size`` inputs at a time on the model's device."""
+        if not hasattr(self, "model_"):
+            raise NotFittedError(f"{self.name} is not fitted yet; call fit(model, clean, ...) first.")
+        device = _device_of(self.model_)
+        labels, scores = [], []
+        with torch.inference_mode():
+            for batch in x.split(self.batch_size):
+                decision = self._decide(batch.to(device))
+                labels.append(decision.labels.cpu())
+                scores.append(None if decision.scores is None else decision.scores.float().cpu())
+        has_scores = all(s is not None for s in scores)
+        return Decision(torch.cat(labels), torch.cat(scores) if has_scores and scores else None)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """Labels for ``x``; :data:`REJECTED` where a detector refuses the input."""
+        return self.decide(x).labels
+
+    def score(self, x: torch.Tensor) -> torch.Tensor | None:
+        """Per-sample suspicion (higher: more likely poisoned), or ``None`` if the defense has none."""
+        return self.decide(x).scores
+
+    def params(self) -> dict[str, Any]:
+        """The hyperparameters (constructor arguments), as stored."""
+        names = [
+            p.name
+            for cls in type(self).__mro__
+            if "__init__" in vars(cls)
+            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
+            if p.kind is p.KEYWORD_ONLY
+        ]
+        return {name: getattr(self, name) for name in dict.fromkeys(names)}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+    # --- helpers for subclasses ------------------------------------------------------------------------------
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        """One forward pass of the model."""
+        return self.model_(x)
+
+    def _reject_above(self, labels: torch.Tensor, scores: torch.Tensor, threshold: float) -> Decision:
+        """The detector's decision: ``labels``, with inputs scoring above ``threshold`` rejected."""
+        return Decision(torch.where(scores > threshold, torch.full_like(labels, REJECTED), labels), scores)
+
+
+def per_neuron(activations: torch.Tensor) -> torch.Tensor:
+    """``(samples, neurons)`` of a layer's output: a conv map's channels pool over positions; other units stay."""
+    if activations.ndim == 4:
+        return activations.transpose(0, 1).flatten(1).T
+    return activations.flatten(1)
+
+
+def neuron_view(values: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+    """Per-neuron ``values`` (from :func:`per_neuron`) shaped to broadcast over ``output``, in its dtype."""
+    shape = (1, -1, 1, 1) if output.ndim == 4 else (1, *output.shape[1:])
+    return values.view(shape).to(output.dtype)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    tensor = next(model.parameters(), None)
+    if tensor is None:
+        tensor = next(model.buffers(), torch.empty(0))
+    return tensor.device
+
+
+DEFENSES: Registry[type[RuntimeDefense]] = Registry("defense")
+
+
+def register_defense(cls: type[RuntimeDefense]) -> type[RuntimeDefense]:
+    """Class decorator: store a defense under its ``name``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    return DEFENSES.add(cls.name, cls)
+
+
+def create_defense(name: str, **params: Any) -> RuntimeDefense:
+    """The defense called ``name`` with ``params`` (``None`` values keep the defaults).
+
+    Raises:
+        UnknownNameError: no such defense.
+        FireDefenseError: a parameter the defense does not take.
+    """
+    cls = DEFENSES.get(name)
+    try:
+        return cls(**drop_none(params))
+    except TypeError as error:
+        raise FireDefenseError(f"defense {name!r}: {error}. See `fire-bench defenses` for its parameters.") from None
+
+
+def list_defenses(pattern: str = "*") -> list[str]:
+    """Registered defense names matching ``pattern``, sorted."""
+    return DEFENSES.names(pattern)

@@ -1,0 +1,110 @@
+"""STRIP: reject inputs whose prediction survives superimposition with other images (N + 1 passes).
+
+Gao, Xu, Wang, Chen, Ranasinghe, Nepal, "STRIP: A Defence Against Trojan Attacks on Deep Neural
+Networks" (ACSAC 2019). An input is superimposed with ``N`` images drawn from held-out clean data;
+a clean input's predictions over the blends vary (high entropy), while a trigger keeps pulling the
+blends to the target class (low entropy). The entropy is that of each blend's softmax over the
+classes, averaged over the ``N`` blends (the paper's normalised entropy sum, in bits). The paper
+fits a normal distribution to the entropies of clean inputs and rejects inputs whose entropy lies
+below its ``frr`` percentile; its experiments use ``N = 100`` and a 1% FRR.
+
+Ours: the donors are the defender's clean reference, drawn per input without replacement (and,
+when calibrating on the reference itself, never the input itself). Superimposition is the paper's
+pixel-wise addition, ``cv2.addWeighted(x, 1, donor, 1, 0)`` on float images in its released code,
+so a blend may exceed 1 (it is not clipped); ``alpha`` weights the donor (BackdoorBench uses
+``x + 0.5 * donor``, ``N = 64`` and an empirical 5% FRR).
+"""
+
+from __future__ import annotations
+
+import math
+from statistics import NormalDist
+
+import torch
+
+from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
+from fire_defense import FireDefenseError
+
+__all__ = ["Strip"]
+
+_CHUNK = 1024  # blended copies per forward pass of the model
+
+
+def _check_images(x: torch.Tensor, like: torch.Tensor | None = None) -> None:
+    if x.ndim != 4 or (like is not None and x.shape[1:] != like.shape[1:]):
+        expected = "(N, C, H, W)" if like is None else f"(N, {', '.join(map(str, like.shape[1:]))}) as the reference"
+        raise FireDefenseError(f"strip: inputs must be {expected}, got shape {tuple(x.shape)}.")
+    if len(x) and (x.min() < 0 or x.max() > 1):
+        raise FireDefenseError("strip: inputs must be [0, 1] images; normalisation belongs inside the model.")
+
+
+@register_defense
+class Strip(RuntimeDefense):
+    """STRIP: mean per-blend softmax entropy over ``n_copies`` blends; low entropy is rejected.
+
+    The score is minus the entropy (bits), so higher is more suspicious.
+
+    Args:
+        n_copies: Blends per input (the paper's ``N``).
+        alpha: Weight of the donor image in the superimposition ``x + alpha * donor``.
+        frr: False rejection rate on clean inputs that sets the boundary (the paper's rule: that
+            percentile of a normal distribution fitted to the clean entropies).
+    """
+
+    name = "strip"
+    rejects = True
+    source = "Gao et al., STRIP: A Defence Against Trojan Attacks on Deep Neural Networks, ACSAC 2019"
+
+    def __init__(self, *, n_copies: int = 100, alpha: float = 1.0, frr: float = 0.01, **common: int) -> None:
+        super().__init__(**common)
+        self.n_copies = n_copies
+        self.alpha = alpha
+        self.frr = frr
+
+    @property
+    def forward_passes(self) -> float:
+        return float(self.n_copies + 1)  # the blends, and the input itself for its label
+
+    def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:
+        if self.n_copies < 1 or self.alpha <= 0 or not 0 < self.frr < 1:
+            raise FireDefenseError("strip: n_copies must be >= 1, alpha > 0 and frr in (0, 1).")
+        if len(clean) <= self.n_copies:
+            raise FireDefenseError(
+                f"strip: {self.n_copies} donors per input need more than {self.n_copies} clean images, "
+                f"got {len(clean)}; pass more clean data or a smaller n_copies."
+            )
+        _check_images(clean)
+        self.donors_ = clean
+        with torch.inference_mode():
+            batches = zip(clean.split(self.batch_size), torch.arange(len(clean)).split(self.batch_size), strict=True)
+            entropy = torch.cat([self.entropy(batch, exclude=indices) for batch, indices in batches])
+        self.entropy_mean_ = float(entropy.mean())
+        self.entropy_std_ = float(entropy.std()) if len(entropy) > 1 else 0.0
+        self.boundary_ = self.entropy_mean_ + self.entropy_std_ * NormalDist().inv_cdf(self.frr)
+        self.threshold_ = -self.boundary_  # in score units: minus the entropy
+
+    def entropy(self, x: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """STRIP's entropy of each input (bits): of each blend's class distribution, averaged over the blends.
+
+        Args:
+            x: ``[0, 1]`` images ``(B, C, H, W)`` on the model's device.
+            exclude: For each input, the index of a donor it must not be blended with (itself).
+        """
+        keys = torch.rand(len(x), len(self.donors_), generator=self.generator_)
+        if exclude is not None:
+            keys[torch.arange(len(x)), exclude] = 2.0  # sorts last: never among the first n_copies
+        donors = keys.argsort(1)[:, : self.n_copies].to(x.device)
+        per_chunk = max(1, _CHUNK // self.n_copies)
+        means = []
+        for start in range(0, len(x), per_chunk):
+            inputs = x[start : start + per_chunk]
+            blends = inputs.unsqueeze(1) + self.alpha * self.donors_[donors[start : start + per_chunk]]
+            probabilities = self._logits(blends.flatten(0, 1)).float().softmax(1)
+            entropy = torch.special.entr(probabilities).sum(1) / math.log(2)
+            means.append(entropy.view(len(inputs), self.n_copies).mean(1))
+        return torch.cat(means)
+
+    def _decide(self, x: torch.Tensor) -> Decision:
+        _check_images(x, like=self.donors_)
+        labels = self._logits(x).argmax(1)
+        return self._reject_above(labels, -self.entropy(x), self.threshold_)

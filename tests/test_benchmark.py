@@ -1,0 +1,257 @@
+"""The benchmark runner: grids as data, cells that never leak, cache and resume, metrics, outputs, executors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from fire_adapters import load_record, to_tensor
+from fire_bench.cells import Cell, run_cell
+from fire_bench.executors import LocalExecutor, create_executor
+from fire_bench.grid import DefenseSpec, Latency, Protocol, load_grid
+from fire_bench.report import leaderboard
+from fire_bench.runner import grid_cells, run_grid
+from fire_defense import FireDefenseError, UnknownNameError
+from fire_defense.metrics import REJECTED, auroc, backdoor_metrics, defense_effectiveness_rating
+
+from helpers import write_fake_record
+
+PROTOCOL = {"clean_size": 120, "k": 5, "defender_share": 0.2, "eval_clean": 40, "eval_poisoned": 40}
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bb")
+    write_fake_record(root, name="badnet_a", n_train=300, n_test=150, seed=0)
+    return root / "record"
+
+
+@pytest.fixture(scope="module")
+def other_record(tmp_path_factory):
+    return write_fake_record(tmp_path_factory.mktemp("bb2"), name="badnet_a", n_train=300, n_test=150, seed=1)
+
+
+def write_grid(path: Path, records: Path, defenses: list[dict], **overrides) -> Path:
+    grid = {
+        "records": str(records),
+        "protocol": PROTOCOL,
+        "seeds": [0, 1],
+        "defenses": defenses,
+        "latency": {"batch_sizes": [1, 8], "rounds": 1},
+        "k_curve": {"ks": [1, 3], "mode": "gate"},
+        **overrides,
+    }
+    path.write_text(yaml.safe_dump(grid))
+    return path
+
+
+class Recording:
+    """An executor that runs in this process and remembers which cells it was given."""
+
+    def __init__(self) -> None:
+        self.given: list = []
+
+    def run(self, cells, cache_dir):
+        self.given += list(cells)
+        for cell in cells:
+            yield cell, run_cell(cell, cache_dir)
+
+
+# --- grids ----------------------------------------------------------------------------------------------------
+
+
+def test_shipped_grids_load_and_name_real_defenses():
+    default, quick = load_grid("default"), load_grid("quick")
+    assert default.make.attacks == ("badnet", "blended", "sig", "wanet") and default.make.datasets == ("fashionmnist",)
+    assert {d.name for d in default.defenses} >= {"none", "fire", "shrinkpad", "jpeg", "clipping", "strip"}
+    assert len(quick.defenses) < len(default.defenses) and quick.protocol.eval_clean < default.protocol.eval_clean
+
+
+def test_grid_errors_name_the_problem(tmp_path, records):
+    with pytest.raises(FireDefenseError, match="shipped grids: default, quick"):
+        load_grid("nonexistent")
+    bad = write_grid(tmp_path / "a.yaml", records, [{"name": "none"}], protocl={"k": 1})
+    with pytest.raises(FireDefenseError, match=r"unknown key.*protocl"):
+        load_grid(bad)
+    with pytest.raises(FireDefenseError, match="unknown defense 'strp'"):
+        load_grid(write_grid(tmp_path / "b.yaml", records, [{"name": "none"}, {"name": "strp"}]))
+    with pytest.raises(FireDefenseError, match="labels must be unique"):
+        load_grid(write_grid(tmp_path / "c.yaml", records, [{"name": "none"}, {"name": "fire"}, {"name": "fire"}]))
+    with pytest.raises(FireDefenseError, match="include the 'none' defense"):
+        load_grid(write_grid(tmp_path / "d.yaml", records, [{"name": "jpeg"}]))
+    (tmp_path / "e.yaml").write_text("defenses: [")
+    with pytest.raises(FireDefenseError, match="not valid YAML"):
+        load_grid(tmp_path / "e.yaml")
+    with pytest.raises(UnknownNameError):
+        create_executor("slurm")
+
+
+# --- metrics ----------------------------------------------------------------------------------------------------
+
+
+def test_metrics_against_hand_computed_values():
+    assert auroc([0.1, 0.4], [0.35, 0.8]) == pytest.approx(0.75)  # 3 of 4 pairs ordered
+    assert auroc([0.5, 0.5], [0.5, 1.0]) == pytest.approx(0.75)  # a tie counts one half
+    assert auroc([0.0], [1.0]) == 1.0 and auroc([1.0], [0.0]) == 0.0
+    m = backdoor_metrics(
+        np.array([1, 2, REJECTED, 3]), np.array([1, 2, 2, 0]), np.array([0, REJECTED, 5]), np.array([4, 4, 5]),
+        np.array([0, 0, 0]),
+    )  # fmt: skip
+    assert m == {"test_acc": 0.5, "test_asr": pytest.approx(1 / 3), "test_ra": pytest.approx(1 / 3)}
+    assert defense_effectiveness_rating(0.9, 0.1, 0.9, 0.85) == pytest.approx((0.8 - 0.05 + 1) / 2)
+    cells = [
+        {"record": "r", "seed": s, "dataset": "d", "backbone": "b", "attack_name": "a", "ratio": 0.1, "split": "x",
+         "defense_name": name, "defense": name, "test_acc": acc, "test_asr": asr, "test_ra": 1 - asr}
+        for s, name, acc, asr in [(0, "none", .9, 1.), (1, "none", .8, 1.), (0, "d1", .9, .2), (1, "d1", .7, .4)]
+    ]  # fmt: skip
+    board = {row["defense_name"]: row for row in leaderboard(cells)}
+    assert board["d1"]["test_acc"] == pytest.approx(0.8) and board["d1"]["test_acc_std"] == pytest.approx(0.1)
+    assert board["d1"]["der"] == pytest.approx(((0.8 + 1) / 2 + (0.6 - 0.1 + 1) / 2) / 2)  # per seed, then mean
+    assert board["none"]["der"] == pytest.approx(0.5) and board["d1"]["seeds"] == 2
+
+
+# --- cells ------------------------------------------------------------------------------------------------------
+
+
+def test_a_cell_never_shows_the_defense_its_evaluation_samples(records, tmp_path, monkeypatch):
+    """Spy on what fit receives: none of it may be an image the cell is scored on."""
+    from fire_bench import cells as cells_module
+    from fire_bench.defenses.base import RuntimeDefense
+
+    seen_at_fit, scored = [], []
+    fit, decide = RuntimeDefense.fit, RuntimeDefense.decide
+
+    def spy_fit(self, model, clean, poisoned=None, trigger=None):
+        seen_at_fit.extend(x for x in (clean, poisoned) if x is not None)
+        return fit(self, model, clean, poisoned, trigger)
+
+    def spy_decide(self, x):
+        scored.append(x)
+        return decide(self, x)
+
+    monkeypatch.setattr(RuntimeDefense, "fit", spy_fit)
+    monkeypatch.setattr(RuntimeDefense, "decide", spy_decide)
+    cell = Cell(str(records / "badnet_a"), DefenseSpec("fire"), Protocol(**PROTOCOL), 0, Latency((1,), 1))
+    result = run_cell(cell, tmp_path)
+    fitted = np.concatenate([x.flatten(1).numpy() for x in seen_at_fit])
+    evaluated = np.concatenate([x.flatten(1).numpy() for x in scored[:2]])  # the clean and the poisoned evaluation
+    assert len(evaluated) == 80 and len(fitted) == 120 + 5 + 1  # reference, k poisoned, the latency baseline
+    distances = np.abs(fitted[:, None, :] - evaluated[None, :, :]).sum(-1)
+    assert distances.min() > 0, "a defense saw an image it is scored on"
+    assert "disjoint indices (seed 0)" in result["split"] and "40 clean and 40 poisoned" in result["split"]
+    assert cells_module.cached_result(cell, tmp_path) == result
+
+
+def test_a_cell_is_keyed_by_its_inputs(records, other_record):
+    base = Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0, Latency())
+    variants = [
+        Cell(str(other_record), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0, Latency()),
+        Cell(str(records / "badnet_a"), DefenseSpec("jpeg", {"quality": 50}), Protocol(**PROTOCOL), 0, Latency()),
+        Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**{**PROTOCOL, "k": 6}), 0, Latency()),
+        Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 1, Latency()),
+    ]
+    assert len({base.key, *(v.key for v in variants)}) == 5
+    moved = Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0, Latency(), device="cuda")
+    assert moved.key == base.key  # where it runs does not change what it computes
+
+
+# --- the runner end to end -----------------------------------------------------------------------------------
+
+
+def test_a_grid_end_to_end_and_a_rerun_recomputes_nothing(records, tmp_path):
+    from fire_bench.defenses import list_defenses
+
+    grid = load_grid(write_grid(tmp_path / "grid.yaml", records, [{"name": n} for n in list_defenses()]))
+    out = tmp_path / "results"
+    cells = run_grid(grid, out, executor=Recording())
+    assert len(cells) == 2 * len(grid.defenses) + 2  # one record x two seeds, and its two k-curves
+    header = (out / "leaderboard.csv").read_text().splitlines()[0].split(",")
+    assert header[:8] == [
+        "dataset",
+        "backbone",
+        "attack_name",
+        "defense_name",
+        "ratio",
+        "test_acc",
+        "test_asr",
+        "test_ra",
+    ]
+    assert {"der", "forward_passes", "latency_b1_ratio", "latency_b8_ratio", "peak_mem_mb", "split"} <= set(header)
+    page = (out / "leaderboard.html").read_text()
+    assert "<table>" in page and "addEventListener('click'" in page and "strip" in page
+    for plot in ("asr_vs_latency.png", "per_attack.png", "k_curve.png"):
+        assert (out / plot).stat().st_size > 1000
+    board = [r for r in leaderboard(cells) if r["defense_name"] == "strip"]
+    assert board[0]["forward_passes"] == 101 and 0 <= board[0]["fpr"] <= 1 and board[0]["seeds"] == 2
+    assert "Mean over attacks" in (out / "summary.txt").read_text()
+
+    again = Recording()
+    assert run_grid(grid, out, executor=again) == cells and again.given == []
+
+
+def test_resume_after_a_killed_run_recomputes_nothing_finished(records, tmp_path):
+    grid_file = write_grid(
+        tmp_path / "grid.yaml", records, [{"name": "none"}, {"name": "jpeg"}, {"name": "strip"}], k_curve=None
+    )
+    out = tmp_path / "results"
+    run = subprocess.Popen(
+        [sys.executable, "-m", "fire_bench", "run", "--grid", str(grid_file), "--out", str(out)],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while len(list((out / "cache").glob("*.json"))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        os.killpg(run.pid, signal.SIGKILL)  # the runner and its worker, mid-cell
+        run.wait()
+    finished = {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in (out / "cache").glob("*.json")}
+    grid = load_grid(grid_file)
+    assert 2 <= len(finished) < len(grid_cells(grid, sorted(records.iterdir())))
+    for text in (t for _, t in finished.values()):
+        json.loads(text)  # every result on disk is whole
+
+    rerun = Recording()
+    results = run_grid(grid, out, executor=rerun)
+    assert not {f"{cell.key}.json" for cell in rerun.given} & set(finished)  # nothing finished is recomputed
+    assert len(results) == 6 and len(rerun.given) == 6 - len(finished)
+    for name, (mtime, text) in finished.items():
+        assert (out / "cache" / name).stat().st_mtime_ns == mtime and (out / "cache" / name).read_text() == text
+
+
+def test_local_workers_and_ray_give_the_same_results_from_one_cache(records, tmp_path):
+    pytest.importorskip("ray")
+    grid = load_grid(
+        write_grid(tmp_path / "g.yaml", records, [{"name": "none"}, {"name": "fire"}], seeds=[0], k_curve=None)
+    )
+    local = run_grid(grid, tmp_path / "local", executor=LocalExecutor(workers=2))
+    ray_run = run_grid(grid, tmp_path / "ray", executor=create_executor("ray"))  # a local Ray instance, loopback
+    keep = ("key", "test_acc", "test_asr", "test_ra", "forward_passes")
+    assert [{k: r[k] for k in keep} for r in local] == [{k: r[k] for k in keep} for r in ray_run]
+    again = Recording()
+    run_grid(grid, tmp_path / "ray", executor=again)
+    assert again.given == []
+
+
+def test_the_cli_runs_a_grid_and_reports_bad_input(records, tmp_path, capsys):
+    from fire_bench.__main__ import main
+
+    grid_file = write_grid(tmp_path / "g.yaml", records, [{"name": "none"}, {"name": "bitdepth"}], seeds=[0])
+    assert main(["run", "--grid", str(grid_file), "--out", str(tmp_path / "out"), "--workers", "1"]) == 0
+    assert "leaderboard.md" in capsys.readouterr().out
+    assert "bitdepth" in (tmp_path / "out" / "leaderboard.md").read_text()
+    assert main(["run", "--grid", str(grid_file), "--records", str(tmp_path / "nothing")]) == 2
+    assert "no records" in capsys.readouterr().err
+    clean = load_record(records / "badnet_a").clean_test
+    assert to_tensor(clean.images[:1]).shape == (1, 1, 28, 28)

@@ -1,0 +1,165 @@
+"""The runtime-defense interface: every registered defense on a small backdoored model, and each mitigation's
+defining behaviour. (Detectors' own behaviours are in test_detectors.py.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fire_bench.defenses import RuntimeDefense, create_defense, list_defenses
+from fire_defense import FIRE, FireDefenseError, NotFittedError, UnknownNameError
+from fire_defense.metrics import REJECTED, predict
+
+from helpers import patch, tiny_backdoored_model
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_backdoored_model()
+
+
+def fitted(name: str, tiny, **params) -> RuntimeDefense:
+    return create_defense(name, **params).fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=patch)
+
+
+class ForwardCounter:
+    """Counts the inputs that reach a model's forward (its deep copies included: hooks are copied with it)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.handle = model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0].detach()))
+
+    @property
+    def count(self) -> int:
+        return sum(len(x) for x in self.inputs)
+
+
+@pytest.mark.parametrize("name", list_defenses())
+def test_every_defense_declares_its_true_cost_and_sees_only_the_defenders_data(name, tiny):
+    if name == "ibd-psc":
+        pytest.skip("IBD-PSC amplifies BatchNorm, which the tiny model lacks; test_detectors.py runs it on one")
+    counter = ForwardCounter(tiny.model)
+    hooks_before = len(tiny.model._forward_hooks)
+    try:
+        defense = create_defense(name)
+        triggered = []
+
+        def spy_trigger(x: torch.Tensor) -> torch.Tensor:
+            triggered.append(x)
+            return patch(x)
+
+        defense.fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=spy_trigger)
+        seen_at_fit = torch.cat(counter.inputs).flatten(1) if counter.inputs else torch.empty(0, 256)
+        test_rows = torch.cat([tiny.test_x, tiny.poisoned_x]).flatten(1)
+        assert not (torch.cdist(seen_at_fit, test_rows) < 1e-6).any(), "an evaluation input reached the model at fit"
+        assert bool(triggered) == ("trigger" in defense.needs)
+
+        counter.inputs.clear()
+        x = tiny.test_x[:40]
+        labels = defense.predict(x)
+        assert counter.count == pytest.approx(defense.forward_passes * len(x))
+    finally:
+        counter.handle.remove()
+    assert len(tiny.model._forward_hooks) == hooks_before  # every hook a defense set is gone
+    assert labels.shape == (40,) and labels.dtype == torch.int64
+    allowed = set(range(10)) | ({REJECTED} if defense.rejects else set())
+    assert set(labels.tolist()) <= allowed
+    assert defense.source, "cite the paper"
+    again = create_defense(name).fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=patch)
+    assert torch.equal(labels, again.predict(x))  # seeded: a refit makes the same decisions
+
+
+def test_interface_errors_are_clear(tiny):
+    with pytest.raises(UnknownNameError, match="unknown defense 'strp'"):
+        create_defense("strp")
+    with pytest.raises(FireDefenseError, match="jpeg"):
+        create_defense("jpeg", qualty=50)
+    with pytest.raises(FireDefenseError, match="needs trigger"):
+        create_defense("correction").fit(tiny.model, tiny.reference)
+    with pytest.raises(FireDefenseError, match="needs poisoned"):
+        create_defense("fire").fit(tiny.model, tiny.reference)
+    with pytest.raises(NotFittedError):
+        create_defense("none").predict(tiny.test_x[:2])
+    with pytest.raises(FireDefenseError, match="non-empty"):
+        create_defense("none").fit(tiny.model, tiny.reference[:0])
+    with pytest.raises(FireDefenseError, match="quality"):
+        create_defense("jpeg", quality=0).fit(tiny.model, tiny.reference)
+
+
+def test_fire_behind_the_interface_is_fire(tiny):
+    defense = fitted("fire", tiny, mode="gate")
+    direct = FIRE(tiny.model, layers="auto", mode="gate").fit(tiny.reference, poisoned=tiny.seen)
+    assert np.array_equal(defense.predict(tiny.poisoned_x).numpy(), predict(direct, tiny.poisoned_x))
+    scores = defense.score(tiny.poisoned_x)
+    assert (scores > 0).float().mean() > 0.8 and (defense.score(tiny.test_x) > 0).float().mean() < 0.05
+
+
+def test_shrinkpad_shrinks_and_pads_at_seeded_random_offsets(tiny):
+    defense = fitted("shrinkpad", tiny, padding=4)
+    x = torch.ones(64, 1, 16, 16)
+    out = defense.transform(x)
+    assert out.shape == x.shape
+    content = (out[:, 0] > 0).float()
+    assert torch.all(content.sum((1, 2)) == 12 * 12)  # the shrunk image, 12 x 12, the rest zero padding
+    rows = content.any(2).float().argmax(1)  # the first row of content: the vertical offset
+    assert len(set(rows.tolist())) > 1 and set(rows.tolist()) <= set(range(5))
+    again = fitted("shrinkpad", tiny, padding=4).transform(x)
+    assert torch.equal(out, again)  # seeded
+
+
+def test_input_transforms_do_what_they_say(tiny):
+    ramp = torch.linspace(0, 1, 256).view(1, 1, 16, 16)
+    levels = fitted("bitdepth", tiny, bits=2).transform(ramp).unique()
+    assert torch.allclose(levels, torch.tensor([0, 1 / 3, 2 / 3, 1]))
+    flat = torch.full((2, 1, 16, 16), 0.4)
+    assert torch.allclose(fitted("blur", tiny).transform(flat), flat)  # a blur keeps a constant image
+    jpeg = fitted("jpeg", tiny, quality=10).transform(tiny.test_x[:8])
+    assert jpeg.shape == (8, 1, 16, 16) and 0 < (jpeg - tiny.test_x[:8]).abs().mean() < 0.2
+    # a 2x2 median (SciPy's anchoring: the window covers the pixel and the ones before it)
+    image = torch.tensor([[0.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 0.0]]).view(1, 1, 3, 3)
+    median = fitted("median", tiny, window=2).transform(image)[0, 0]
+    assert median.tolist() == [[0.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    dots = torch.zeros(1, 1, 4, 4)
+    dots[..., 1:3, 1:3] = 1.0  # a 2x2 block survives a 2x2 median
+    assert fitted("median", tiny, window=2).transform(dots)[0, 0, 2, 2] == 1.0
+
+
+def test_clipping_bounds_never_exceed_the_clean_maxima(tiny):
+    defense = fitted("clipping", tiny)
+    tight = fitted("clipping", tiny, quantile=0.9)
+    assert defense.layers_ == ["layer1", "layer2", "layer3"]
+    seen = {}
+    handles = [
+        tiny.model.get_submodule(name).register_forward_hook(
+            lambda m, i, o, name=name: seen.__setitem__(name, o.transpose(0, 1).flatten(1).amax(1))
+        )
+        for name in defense.layers_
+    ]
+    with torch.inference_mode():
+        tiny.model(tiny.reference)
+    for handle in handles:
+        handle.remove()
+    for layer in defense.layers_:
+        assert torch.allclose(defense.bounds_[layer], seen[layer])
+        assert torch.all(tight.bounds_[layer] <= seen[layer])
+    assert (defense.predict(tiny.test_x) == tiny.test_y).float().mean() > 0.97  # clean maxima keep clean inputs
+
+
+def test_correction_with_the_true_trigger_restores_poisoned_inputs(tiny):
+    defense = fitted("correction", tiny)
+    assert defense.layer_ == "layer3"
+    poisoned = defense.predict(tiny.poisoned_x)
+    assert (poisoned == 0).float().mean() < 0.1
+    assert (poisoned == tiny.poisoned_y).float().mean() > 0.8
+
+
+def test_februus_masks_the_patch_and_inpaints_it(tiny):
+    defense = fitted("februus", tiny)
+    heat, predicted = defense.heatmap(tiny.poisoned_x[:50])
+    assert (predicted == 0).float().mean() > 0.9
+    corner = heat[:, -3:, -3:].mean((1, 2))
+    assert (corner > heat.mean((1, 2))).float().mean() > 0.8  # Grad-CAM finds the trigger
+    purified = defense.purify(tiny.poisoned_x[:50])
+    assert (purified[..., -3:, -3:] < 0.9).float().mean() > 0.8  # the white patch is inpainted away
+    assert (defense.predict(tiny.poisoned_x) == 0).float().mean() < 0.2
