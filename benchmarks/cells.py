@@ -45,8 +45,22 @@ def record_fingerprint(record_dir: str) -> str:
     return digest.hexdigest()
 
 
+class _Keyed:
+    """A cell's cache key: a hash of :meth:`identity`."""
+
+    prefix = ""
+
+    def identity(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    @property
+    def key(self) -> str:
+        digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()
+        return self.prefix + digest[:24]
+
+
 @dataclass(frozen=True)
-class Cell:
+class Cell(_Keyed):
     """A defense on a record under one seed (module docstring)."""
 
     record_dir: str
@@ -68,14 +82,12 @@ class Cell:
             "latency": asdict(self.latency),
         }
 
-    @property
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()[:24]
-
 
 @dataclass(frozen=True)
-class KCurveCell:
+class KCurveCell(_Keyed):
     """FIRE's streaming k-curve on one record under one seed."""
+
+    prefix = "kcurve-"
 
     record_dir: str
     curve: KCurve
@@ -92,10 +104,6 @@ class KCurveCell:
             "protocol": asdict(self.protocol),
             "seed": self.seed,
         }
-
-    @property
-    def key(self) -> str:
-        return "kcurve-" + hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:24]
 
 
 def cached_result(cell: Cell | KCurveCell, cache_dir: Path) -> dict[str, Any] | None:

@@ -30,7 +30,7 @@ from typing import Any, ClassVar, NamedTuple
 import torch
 from torch import nn
 
-from fire_defense import FireDefenseError, NotFittedError, Registry, drop_none
+from fire_defense import FireDefenseError, NotFittedError, Registry, candidate_layers, drop_none, resolve_layers
 from fire_defense.metrics import REJECTED
 
 __all__ = [
@@ -168,6 +168,15 @@ class RuntimeDefense(ABC):
     def _logits(self, x: torch.Tensor) -> torch.Tensor:
         """One forward pass of the model."""
         return self.model_(x)
+
+    def _layer(self, layer: str) -> str:
+        """The dotted name of ``layer`` in the model; ``'last'`` is its last stage output."""
+        if layer != "last":
+            return resolve_layers(self.model_, layer)[0]
+        stages = candidate_layers(self.model_)
+        if not stages:
+            raise FireDefenseError(f"{self.name}: the model has no known stage outputs; name the layer.")
+        return stages[-1]
 
     def _reject_above(self, labels: torch.Tensor, scores: torch.Tensor, threshold: float) -> Decision:
         """The detector's decision: ``labels``, with inputs scoring above ``threshold`` rejected."""

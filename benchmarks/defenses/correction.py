@@ -17,7 +17,6 @@ from __future__ import annotations
 import torch
 
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, neuron_view, per_neuron, register_defense
-from fire_defense import FireDefenseError, candidate_layers, resolve_layers
 from fire_defense.layers import HookHandles
 
 __all__ = ["DistributionCorrection"]
@@ -53,13 +52,7 @@ class DistributionCorrection(RuntimeDefense):
         return activations.mean(0), activations.std(0).clamp_min(1e-6)
 
     def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:
-        if self.layer == "last":
-            stages = candidate_layers(self.model_)
-            if not stages:
-                raise FireDefenseError("correction: the model has no known stage outputs; name the layer.")
-            self.layer_ = stages[-1]
-        else:
-            self.layer_ = resolve_layers(self.model_, self.layer)[0]
+        self.layer_ = self._layer(self.layer)
         assert trigger is not None
         clean_mean, clean_std = self._statistics(clean)
         triggered_mean, triggered_std = self._statistics(trigger(clean))

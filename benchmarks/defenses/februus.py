@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
-from fire_defense import FireDefenseError, candidate_layers, resolve_layers
+from fire_defense import FireDefenseError
 from fire_defense.layers import HookHandles
 
 __all__ = ["Februus"]
@@ -55,13 +55,7 @@ class Februus(RuntimeDefense):
     def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:
         if not 0 < self.cam_threshold < 1 or self.inpaint_radius < 1:
             raise FireDefenseError("februus: cam_threshold must be in (0, 1) and inpaint_radius >= 1.")
-        if self.layer == "last":
-            stages = candidate_layers(self.model_)
-            if not stages:
-                raise FireDefenseError("februus: the model has no known stage outputs; name the Grad-CAM layer.")
-            self.layer_ = stages[-1]
-        else:
-            self.layer_ = resolve_layers(self.model_, self.layer)[0]
+        self.layer_ = self._layer(self.layer)
 
     def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grad-CAM of the predicted class, ``(N, H, W)`` in [0, 1] at the input's size, and the predictions."""
