@@ -227,23 +227,31 @@ def shapes(n: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tens
     return x.clamp(0, 1), labels
 
 
-def tiny_backdoored_model() -> TinyBackdoor:
-    """A TinyCNN trained (seconds on CPU) with a BadNets-style patch sending 10% of its data to class 0."""
-    generator = torch.Generator().manual_seed(0)
-    torch.manual_seed(0)
-    x, y = shapes(3000, generator)
-    poison = torch.arange(0, 3000, 10)
+def tiny_backdoored_model(
+    architecture: type[nn.Module] | None = None,
+    seed: int = 0,
+    n_train: int = 3000,
+    epochs: int = 4,
+    n_test: int = 1000,
+    n_reference: int = 500,
+) -> TinyBackdoor:
+    """A small model (TinyCNN by default) trained in seconds on CPU with a BadNets-style patch sending 10% of
+    its data to class 0."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    x, y = shapes(n_train, generator)
+    poison = torch.arange(0, n_train, 10)
     x[poison], y[poison] = patch(x[poison]), 0
-    model = TinyCNN()
+    model = (architecture or TinyCNN)()
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(4):
-        for batch in torch.randperm(3000, generator=generator).split(64):
+    for _ in range(epochs):
+        for batch in torch.randperm(n_train, generator=generator).split(64):
             optimizer.zero_grad()
             F.cross_entropy(model(x[batch]), y[batch]).backward()
             optimizer.step()
     model.eval()
-    test_x, test_y = shapes(1000, generator)
+    test_x, test_y = shapes(n_test, generator)
     keep = test_y != 0
-    reference, _ = shapes(500, generator)
+    reference, _ = shapes(n_reference, generator)
     seen, _ = shapes(10, generator)
     return TinyBackdoor(model, reference, patch(seen), test_x, test_y, patch(test_x[keep]), test_y[keep])

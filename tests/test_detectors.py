@@ -16,7 +16,7 @@ from fire_bench.defenses.teco import CORRUPTIONS, corrupt
 from fire_defense import FireDefenseError
 from fire_defense.metrics import REJECTED
 
-from helpers import TinyBackdoor, patch, shapes, tiny_backdoored_model
+from helpers import TinyBackdoor, tiny_backdoored_model
 
 DETECTORS = ["strip", "scale-up", "ibd-psc", "teco"]
 
@@ -60,23 +60,7 @@ def tiny() -> TinyBackdoor:
 @pytest.fixture(scope="module")
 def bn() -> TinyBackdoor:
     """The tiny model's data and patch backdoor (10% to class 0) on :class:`TinyResNet` (9 BatchNorm layers)."""
-    generator = torch.Generator().manual_seed(1)
-    torch.manual_seed(1)
-    x, y = shapes(2000, generator)
-    poison = torch.arange(0, 2000, 10)
-    x[poison], y[poison] = patch(x[poison]), 0
-    model = TinyResNet()
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    for _ in range(3):
-        for batch in torch.randperm(2000, generator=generator).split(64):
-            optimizer.zero_grad()
-            F.cross_entropy(model(x[batch]), y[batch]).backward()
-            optimizer.step()
-    model.eval()
-    test_x, test_y = shapes(400, generator)
-    reference, _ = shapes(300, generator)
-    keep = test_y != 0
-    return TinyBackdoor(model, reference, patch(reference[:10]), test_x, test_y, patch(test_x[keep]), test_y[keep])
+    return tiny_backdoored_model(TinyResNet, seed=1, n_train=2000, epochs=3, n_test=400, n_reference=300)
 
 
 def rejected(labels: torch.Tensor) -> float:
