@@ -6,7 +6,7 @@ import torch
 
 from fire_defense.errors import FireDefenseError
 
-__all__ = ["resolve_device"]
+__all__ = ["module_device", "resolve_device"]
 
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
@@ -28,3 +28,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise FireDefenseError(f"device {device!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'.")
     return resolved
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    """Where ``module`` lives: its first parameter's (or buffer's) device; the CPU if it has neither."""
+    tensor = next(module.parameters(), None)
+    if tensor is None:
+        tensor = next(module.buffers(), torch.empty(0))
+    return tensor.device

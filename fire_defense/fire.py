@@ -39,6 +39,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from fire_defense.device import module_device
 from fire_defense.errors import FireDefenseError, NotFittedError, first_line
 from fire_defense.layers import HookHandles, StopForward, candidate_layers, resolve_layers
 from fire_defense.metrics import predict
@@ -216,10 +217,7 @@ class FIRE:
 
     @property
     def _device(self) -> torch.device:
-        tensor = next(self.model.parameters(), None)
-        if tensor is None:
-            tensor = next(self.model.buffers(), torch.empty(0))
-        return tensor.device
+        return module_device(self.model)
 
     def _batches(self, data: Data, what: str) -> list[torch.Tensor]:
         """The input set as a list of batches on the model's device (inputs only, labels dropped)."""

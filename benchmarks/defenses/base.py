@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from fire_defense import FireDefenseError, NotFittedError, Registry, candidate_layers, drop_none, resolve_layers
+from fire_defense.device import module_device
 from fire_defense.metrics import REJECTED
 
 __all__ = [
@@ -119,7 +120,7 @@ class RuntimeDefense(ABC):
             raise FireDefenseError(f"{self.name} needs {' and '.join(missing)} to fit; pass {missing[0]}=...")
         self.model_ = model
         self.generator_ = torch.Generator().manual_seed(self.seed)
-        device = _device_of(model)
+        device = module_device(model)
         self._fit(
             clean.to(device),
             poisoned.to(device) if poisoned is not None and "poisoned" in self.needs else None,
@@ -131,7 +132,7 @@ class RuntimeDefense(ABC):
         """Labels and scores for ``x``, computed ``batch_size`` inputs at a time on the model's device."""
         if not hasattr(self, "model_"):
             raise NotFittedError(f"{self.name} is not fitted yet; call fit(model, clean, ...) first.")
-        device = _device_of(self.model_)
+        device = module_device(self.model_)
         labels, scores = [], []
         with torch.inference_mode():
             for batch in x.split(self.batch_size):
@@ -194,13 +195,6 @@ def neuron_view(values: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
     """Per-neuron ``values`` (from :func:`per_neuron`) shaped to broadcast over ``output``, in its dtype."""
     shape = (1, -1, 1, 1) if output.ndim == 4 else (1, *output.shape[1:])
     return values.view(shape).to(output.dtype)
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    tensor = next(model.parameters(), None)
-    if tensor is None:
-        tensor = next(model.buffers(), torch.empty(0))
-    return tensor.device
 
 
 DEFENSES: Registry[type[RuntimeDefense]] = Registry("defense")
