@@ -30,10 +30,10 @@ from typing import ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
 from fire_adapters.safe_load import safe_unpickle
 from fire_defense import FireDefenseError, Registry
+from fire_defense.progress import progress_bar
 
 __all__ = [
     "DATASETS",
@@ -279,7 +279,7 @@ def read_image(path: Path, what: str, fix: str, error: type[FireDefenseError] = 
 
 def _read_image_files(paths: Sequence[Path], spec: DatasetSpec, desc: str) -> np.ndarray:
     out = np.empty((len(paths), *spec.img_size), dtype=np.uint8)
-    for i, path in enumerate(tqdm(paths, desc=desc, unit="img", leave=False, disable=len(paths) < 1000)):
+    for i, path in enumerate(progress_bar(paths, desc=desc, unit="img", leave=False, min_total=1000)):
         out[i] = _pil_to_array(read_image(path, "image", "re-extract the dataset"), spec)
     return out
 

@@ -27,7 +27,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
-from tqdm.auto import tqdm
 
 from fire_adapters.datasets import DatasetSpec, ImageSet, find_dataset, get_dataset_spec, load_dataset, read_image
 from fire_adapters.models import MODELS, TIMM_PREFIX, create_model, load_model_state
@@ -35,6 +34,7 @@ from fire_adapters.preprocess import with_normalization
 from fire_adapters.safe_load import safe_torch_load
 from fire_defense import FireDefenseError
 from fire_defense.errors import first_line
+from fire_defense.progress import progress_bar
 
 __all__ = ["RECORD_FILE", "Record", "RecordError", "load_record", "read_record_file", "save_record"]
 
@@ -152,9 +152,7 @@ def _read_poisoned_split(state: Any, split: str, record_dir: Path, spec: Dataset
     images = np.empty((len(indices), *spec.img_size), dtype=np.uint8)
     labels = np.empty(len(indices), dtype=np.int64)
     targets = np.empty(len(indices), dtype=np.int64)
-    for i, index in enumerate(
-        tqdm(indices, desc=f"{split} PNGs", unit="img", leave=False, disable=len(indices) < 2000)
-    ):
+    for i, index in enumerate(progress_bar(indices, desc=f"{split} PNGs", unit="img", leave=False, min_total=2000)):
         try:
             path, (target, label) = entries[int(index)]["path"], entries[int(index)]["other_info"][:2]
         except (KeyError, TypeError, ValueError):
@@ -256,7 +254,7 @@ def _write_poisoned_split(poisoned: ImageSet, split_size: int, folder: str, name
     stored_folder = f"./record/{name}/{folder}"
     data_dict: dict[np.int64, dict[str, Any]] = {}
     for image, label, index, target in zip(
-        tqdm(poisoned.images, desc=f"writing {folder}", unit="img", leave=False, disable=len(poisoned) < 2000),
+        progress_bar(poisoned.images, desc=f"writing {folder}", unit="img", leave=False, min_total=2000),
         poisoned.labels,
         poisoned.indices,
         poisoned.targets,

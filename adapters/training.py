@@ -17,13 +17,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from fire_adapters.attacks.base import Attack
 from fire_adapters.datasets import ImageSet
 from fire_adapters.preprocess import to_tensor, with_normalization
 from fire_defense import FireDefenseError, resolve_device
 from fire_defense.metrics import backdoor_metrics, predict
+from fire_defense.progress import progress_bar
 
 __all__ = ["TrainConfig", "augment", "evaluate", "train_backdoored_model"]
 
@@ -141,7 +141,9 @@ def train_backdoored_model(
         raise FireDefenseError(f"the training set ({len(train)}) is smaller than one batch ({config.batch_size}).")
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, config.lr, total_steps=config.epochs * steps_per_epoch)
     history = []
-    bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"train {attack.name}", unit="step", disable=not progress)
+    bar = progress_bar(
+        total=config.epochs * steps_per_epoch, desc=f"train {attack.name}", unit="step", disable=not progress
+    )
     for epoch in range(1, config.epochs + 1):
         started, loss_sum, correct, seen = time.perf_counter(), 0.0, 0, 0
         classifier.train()

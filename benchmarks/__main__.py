@@ -63,7 +63,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--records-root", default="records", help="where made records are kept (default: records/)")
     run.add_argument("--data", help="where the datasets are (searched first), e.g. BackdoorBench's data/")
     run.add_argument("--executor", choices=("local", "ray"), default="local")
-    run.add_argument("--workers", type=int, default=1, help="local worker processes (default 1)")
+    run.add_argument("--workers", type=int, help="local worker processes (default: one per CPU core)")
     run.add_argument("--address", help="the Ray cluster's head (default: a local Ray instance)")
     run.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")
     run.set_defaults(run=_run)

@@ -32,7 +32,7 @@ from fire_defense.metrics import REJECTED, auroc, backdoor_metrics
 
 __all__ = ["CACHE_VERSION", "Cell", "KCurveCell", "cached_result", "record_fingerprint", "run_cell"]
 
-CACHE_VERSION = 1  # bump when a change to the code changes what a cell computes
+CACHE_VERSION = 2  # bump when a change to the code changes what a cell computes
 
 
 @functools.lru_cache(maxsize=64)
@@ -82,6 +82,12 @@ class Cell(_Keyed):
             "latency": asdict(self.latency),
         }
 
+    @property
+    def cost(self) -> float:
+        """Relative cost, to order the work and estimate the time left: passes per evaluated sample, plus two
+        for the fixed work (loading, fitting, timing)."""
+        return 2 + create_defense(self.defense.name, **self.defense.params).forward_passes
+
 
 @dataclass(frozen=True)
 class KCurveCell(_Keyed):
@@ -104,6 +110,11 @@ class KCurveCell(_Keyed):
             "protocol": asdict(self.protocol),
             "seed": self.seed,
         }
+
+    @property
+    def cost(self) -> float:
+        """Relative cost (as :attr:`Cell.cost`): FIRE's update and one evaluation pass for each ``k``."""
+        return 2 * len(self.curve.ks) + 2
 
 
 def cached_result(cell: Cell | KCurveCell, cache_dir: Path) -> dict[str, Any] | None:
@@ -151,24 +162,33 @@ def _fitted(cell: Cell, record: Record, split: Split, device: torch.device) -> t
     return defense, time.perf_counter() - started
 
 
+def _seconds(fn, batch: torch.Tensor) -> float:
+    started = time.perf_counter()
+    fn(batch)
+    return time.perf_counter() - started
+
+
 def _latency(defense: RuntimeDefense, reference: RuntimeDefense, inputs: torch.Tensor, latency: Latency) -> dict:
     """Seconds per sample and ratios to the undefended model, interleaved in this run, at each batch size."""
     out = {}
     for size in latency.batch_sizes:
         batch = inputs[:size]
-        started = time.perf_counter()
-        reference.predict(batch)
-        repeat = max(1, int(0.02 / max(time.perf_counter() - started, 1e-6)))  # >= ~20 ms per timing
+        once = {
+            name: _seconds(fn, batch) for name, fn in (("variant", defense.predict), ("baseline", reference.predict))
+        }
+        repeat = max(1, int(0.02 / max(once["baseline"], 1e-6)))  # >= ~20 ms per timing
+        rounds = min(latency.rounds, max(1, int(latency.max_seconds / (repeat * once["variant"]))))
         timings: dict[str, list[float]] = {"variant": [], "baseline": []}
         ratio = interleaved_ratio(
             functools.partial(defense.predict, batch),
             functools.partial(reference.predict, batch),
-            latency.rounds,
+            rounds,
             repeat,
             timings,
         )
         out[f"latency_b{size}_ms"] = 1000 * float(np.median(timings["variant"])) / (repeat * len(batch))
         out[f"latency_b{size}_ratio"] = ratio
+        out[f"latency_b{size}_rounds"] = rounds
     return out
 
 

@@ -1,71 +1,104 @@
-"""Where cells run: one interface, local worker processes by default, Ray for a cluster.
+"""Where the benchmark's work runs: one interface, local worker processes by default, Ray for a cluster.
 
-An executor maps :func:`fire_bench.cells.run_cell` over cells and yields ``(cell, result)`` as they
-finish. Every executor reads and writes the same cache folder (a shared file system on a
-cluster), so the results, and what a rerun skips, are the same whichever ran them.
+An executor maps a function over items (the grid's cells; the records it has to train) and yields
+``(item, result)`` as each finishes. The function and the items must pickle: a module-level
+function, or a :func:`functools.partial` of one. Cells read and write one cache folder (a shared
+file system on a cluster), so the results, and what a rerun skips, are the same whichever executor
+ran them.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
-from fire_bench.cells import Cell, KCurveCell, run_cell
 from fire_defense import FireDefenseError, Registry
+from fire_defense.progress import ENV_VAR as PROGRESS_ENV_VAR
 
 __all__ = ["EXECUTORS", "Executor", "LocalExecutor", "RayExecutor", "create_executor"]
 
-AnyCell = Cell | KCurveCell
+Item = TypeVar("Item")
 
 
 class Executor(Protocol):
-    def run(self, cells: Sequence[AnyCell], cache_dir: Path) -> Iterator[tuple[AnyCell, dict[str, Any]]]:
-        """Run every cell (``run_cell``), yielding each with its result as it finishes."""
+    def map(self, fn: Callable[[Item], Any], items: Sequence[Item]) -> Iterator[tuple[Item, Any]]:
+        """``fn(item)`` for every item, yielding each item with its result as it finishes."""
         ...
 
 
-def _run_in_worker(cell: AnyCell, cache_dir: str, threads: int) -> dict[str, Any]:
+def _call_in_worker(fn: Callable[[Item], Any], item: Item, threads: int) -> Any:
     import torch
 
-    os.environ["TQDM_DISABLE"] = "1"  # one progress bar, the runner's: none from inside a worker
+    os.environ[PROGRESS_ENV_VAR] = "0"  # one progress bar, the runner's: none from inside a worker
     torch.set_num_threads(threads)
-    return run_cell(cell, cache_dir)
+    return fn(item)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: exit when ``parent``, the process that started the pool, is gone (killed, not
+    shut down), instead of computing on, orphaned, for nobody. (It is passed in: the parent may have
+    died while this worker was still starting.)"""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 class LocalExecutor:
-    """``workers`` processes on this machine (spawned: safe with CUDA and OpenMP), sharing its cores."""
+    """``workers`` processes on this machine (spawned: safe with CUDA and OpenMP), sharing its cores.
 
-    def __init__(self, workers: int = 1) -> None:
+    Each worker gets ``cpu_count // workers`` threads: on small models, one single-threaded process
+    per core outruns one process using every core (PyTorch's intra-op threads cost more than they
+    gain on small convolutions). The default is one worker per core.
+    """
+
+    def __init__(self, workers: int | None = None) -> None:
+        workers = workers or os.cpu_count() or 1
         if workers < 1:
             raise FireDefenseError(f"workers must be >= 1, got {workers}.")
         self.workers = workers
 
-    def run(self, cells: Sequence[AnyCell], cache_dir: Path) -> Iterator[tuple[AnyCell, dict[str, Any]]]:
-        threads = max(1, (os.cpu_count() or 1) // self.workers)
+    def map(self, fn: Callable[[Item], Any], items: Sequence[Item]) -> Iterator[tuple[Item, Any]]:
+        if not items:
+            return
+        workers = min(self.workers, len(items))
+        threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(self.workers, mp_context=context) as pool:
-            futures = {pool.submit(_run_in_worker, cell, str(cache_dir), threads): cell for cell in cells}
-            for future in as_completed(futures):
-                yield futures[future], future.result()
+        with ProcessPoolExecutor(
+            workers, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
+        ) as pool:
+            futures = {pool.submit(_call_in_worker, fn, item, threads): item for item in items}
+            try:
+                for future in as_completed(futures):
+                    yield futures[future], future.result()
+            except BaseException:  # a failed cell or Ctrl-C: start nothing new, leave the running ones to finish
+                pool.shutdown(wait=False, cancel_futures=True)
+                raise
 
 
 class RayExecutor:
-    """Cells as Ray tasks on a cluster (``address``: its head, e.g. ``'ray://head:10001'`` or
-    ``'head:6379'``), or on a local Ray instance when ``address`` is ``None``.
+    """Tasks on a Ray cluster (``address``: its head, e.g. ``'ray://head:10001'`` or ``'head:6379'``),
+    or on a local Ray instance when ``address`` is ``None``.
 
-    Each task asks for ``cpus_per_cell`` CPUs (and a GPU with ``gpus_per_cell``); Ray schedules them.
+    Each task asks for ``cpus_per_task`` CPUs (and a GPU with ``gpus_per_task``); Ray schedules them.
     """
 
-    def __init__(self, address: str | None = None, cpus_per_cell: int = 1, gpus_per_cell: float = 0) -> None:
+    def __init__(self, address: str | None = None, cpus_per_task: int = 1, gpus_per_task: float = 0) -> None:
         self.address = address
-        self.cpus_per_cell = cpus_per_cell
-        self.gpus_per_cell = gpus_per_cell
+        self.cpus_per_task = cpus_per_task
+        self.gpus_per_task = gpus_per_task
 
-    def run(self, cells: Sequence[AnyCell], cache_dir: Path) -> Iterator[tuple[AnyCell, dict[str, Any]]]:
+    def map(self, fn: Callable[[Item], Any], items: Sequence[Item]) -> Iterator[tuple[Item, Any]]:
+        if not items:
+            return
         try:
             import ray
         except ImportError:
@@ -80,8 +113,8 @@ class RayExecutor:
                 **({"num_cpus": os.cpu_count(), "_node_ip_address": "127.0.0.1"} if local else {}),
             )
         try:
-            task = ray.remote(num_cpus=self.cpus_per_cell, num_gpus=self.gpus_per_cell)(_run_in_worker)
-            pending = {task.remote(cell, str(Path(cache_dir).resolve()), self.cpus_per_cell): cell for cell in cells}
+            task = ray.remote(num_cpus=self.cpus_per_task, num_gpus=self.gpus_per_task)(_call_in_worker)
+            pending = {task.remote(fn, item, self.cpus_per_task): item for item in items}
             while pending:
                 done, _ = ray.wait(list(pending), num_returns=1)
                 for ref in done:

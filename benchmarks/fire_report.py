@@ -16,13 +16,13 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fire_adapters import Record, load_record, to_tensor
 from fire_adapters.training import evaluate
 from fire_bench.protocol import Split, describe, split_record
 from fire_defense import FIRE, resolve_device
 from fire_defense.metrics import defense_effectiveness_rating
+from fire_defense.progress import progress_bar
 
 __all__ = ["estimation_cost", "k_curve", "mitigation_table", "streaming_curve", "write_report"]
 
@@ -51,7 +51,7 @@ def mitigation_table(
     """
     device = resolve_device(device)
     rows = []
-    for record in tqdm(records, desc="mitigation", unit="record"):
+    for record in progress_bar(records, desc="mitigation", unit="record"):
         split, classifier = _prepare(record, seed, device)
         before = _score(classifier, split, device)
         rows.append({"attack": _attack(record), "defense": "none", "k": 0, "layer": "", **before, "der": ""})
@@ -117,7 +117,7 @@ def k_curve(
     """:func:`streaming_curve` on each record's protocol split, one row per record and ``k``."""
     device = resolve_device(device)
     rows = []
-    for record in tqdm(records, desc="k-curve", unit="record"):
+    for record in progress_bar(records, desc="k-curve", unit="record"):
         split, classifier = _prepare(record, seed, device)
         rows += [
             {"attack": _attack(record), **row} for row in streaming_curve(classifier, split, ks, mode, warmup, device)

@@ -61,10 +61,15 @@ class DefenseSpec:
 
 @dataclass(frozen=True)
 class Latency:
-    """Per-sample latency: at each batch size, the median over ``rounds`` of interleaved timings."""
+    """Per-sample latency: at each batch size, the median over ``rounds`` of interleaved timings.
+
+    A defense that makes many forward passes gets fewer rounds (at least one): as many as fit in
+    ``max_seconds`` of its own time per batch size. Its ratio is large, so one round measures it well.
+    """
 
     batch_sizes: tuple[int, ...] = (1, 128)
     rounds: int = 5
+    max_seconds: float = 5.0
 
 
 @dataclass(frozen=True)

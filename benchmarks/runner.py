@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -14,7 +15,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from fire_adapters import RECORD_FILE
-from fire_bench.cells import Cell, KCurveCell, cached_result
+from fire_bench.cells import Cell, KCurveCell, cached_result, run_cell
 from fire_bench.executors import Executor, LocalExecutor
 from fire_bench.grid import Grid
 from fire_defense import FireDefenseError
@@ -33,18 +34,28 @@ def find_records(folder: str | Path) -> list[Path]:
     return found
 
 
-def _made_records(grid: Grid, records_root: Path, data_root: str | None, device: str) -> list[Path]:
-    from fire_adapters.factory import RecordRecipe, make_records
+def _made_records(grid: Grid, records_root: Path, data_root: str | None, device: str, executor: Executor) -> list[Path]:
+    """The grid's records: those made before from the same recipe are found, the others trained by ``executor``."""
+    from fire_adapters.factory import RecordRecipe, find_made_record, format_metrics, make_record
     from fire_adapters.training import TrainConfig
 
     assert grid.make is not None
+    folder = records_root / grid.name
     recipes = [
         RecordRecipe(dataset, attack, grid.make.model, seed, train=TrainConfig(epochs=grid.make.epochs))
         for dataset in grid.make.datasets
         for attack in grid.make.attacks
         for seed in grid.make.seeds
     ]
-    return [made.path for made in make_records(recipes, records_root / grid.name, data_root, device)]
+    todo = [recipe for recipe in recipes if find_made_record(recipe, folder) is None]
+    if todo:
+        tqdm.write(f"{grid.name}: training {len(todo)} of {len(recipes)} records into {folder}")
+        train = functools.partial(make_record, out_dir=folder, data_root=data_root, device=device, progress=False)
+        with tqdm(total=len(todo), desc="records", unit="record") as progress:
+            for recipe, made in executor.map(train, todo):
+                tqdm.write(f"{recipe.name}: {format_metrics(made.metrics)} in {made.train_seconds:.0f} s of training")
+                progress.update()
+    return [folder / recipe.name for recipe in recipes]
 
 
 def grid_cells(
@@ -84,19 +95,26 @@ def run_grid(
     out = Path(out)
     cache = out / "cache"
     started = time.perf_counter()
+    executor = executor or LocalExecutor()
     folder = records or grid.records
-    record_dirs = find_records(folder) if folder else _made_records(grid, Path(records_root), data_root, device)
+    if folder:
+        record_dirs = find_records(folder)
+    else:
+        record_dirs = _made_records(grid, Path(records_root), data_root, device, executor)
     cells = grid_cells(grid, record_dirs, data_root, device)
     results = {cell.key: found for cell in cells if (found := cached_result(cell, cache)) is not None}
-    todo = [cell for cell in cells if cell.key not in results]
+    # record by record (a worker keeps its records loaded), the costliest cells of each first (the workers
+    # finish together); the bar advances by each cell's estimated cost, so its time-left estimate holds
+    # when cheap and costly cells alternate
+    todo = sorted((cell for cell in cells if cell.key not in results), key=lambda cell: (cell.record_dir, -cell.cost))
     tqdm.write(f"{grid.name}: {len(cells)} cells, {len(results)} cached, {len(todo)} to run")
-    executor = executor or LocalExecutor()
-    with tqdm(total=len(todo), desc="cells", unit="cell") as progress:
-        for cell, result in executor.run(todo, cache):
+    bar = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left{postfix}]"
+    with tqdm(total=sum(cell.cost for cell in todo), desc="cells", bar_format=bar) as progress:
+        for done, (cell, result) in enumerate(executor.map(functools.partial(run_cell, cache_dir=cache), todo), 1):
             results[cell.key] = result
             label = cell.defense.label if isinstance(cell, Cell) else "k-curve"
-            progress.set_postfix_str(f"{Path(cell.record_dir).name} {label}", refresh=False)
-            progress.update()
+            progress.set_postfix_str(f"{done}/{len(todo)} cells, last {Path(cell.record_dir).name} {label}", False)
+            progress.update(cell.cost)
     from fire_bench.report import write_outputs
 
     ordered = [results[cell.key] for cell in cells]

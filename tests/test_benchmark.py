@@ -60,10 +60,10 @@ class Recording:
     def __init__(self) -> None:
         self.given: list = []
 
-    def run(self, cells, cache_dir):
-        self.given += list(cells)
-        for cell in cells:
-            yield cell, run_cell(cell, cache_dir)
+    def map(self, fn, items):
+        self.given += list(items)
+        for item in items:
+            yield item, fn(item)
 
 
 # --- grids ----------------------------------------------------------------------------------------------------
@@ -228,6 +228,42 @@ def test_resume_after_a_killed_run_recomputes_nothing_finished(records, tmp_path
     assert len(results) == 6 and len(rerun.given) == 6 - len(finished)
     for name, (mtime, text) in finished.items():
         assert (out / "cache" / name).stat().st_mtime_ns == mtime and (out / "cache" / name).read_text() == text
+
+
+def _children(pid: int) -> set[int]:
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.add(int(stat.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
+def test_workers_exit_when_the_runner_is_killed(records, tmp_path):
+    grid_file = write_grid(tmp_path / "grid.yaml", records, [{"name": "none"}, {"name": "strip"}], k_curve=None)
+    run = subprocess.Popen(
+        [sys.executable, "-m", "fire_bench", "run", "--grid", str(grid_file), "--out", str(tmp_path / "out")],
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not (workers := _children(run.pid)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert workers, "the runner started no worker process"
+        run.kill()  # the runner alone, as a scheduler or the OOM killer would: its workers get no signal
+        run.wait()
+        deadline = time.monotonic() + 15
+        while (alive := {pid for pid in workers if Path(f"/proc/{pid}").exists()}) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not alive, "worker processes outlived the runner"
+    finally:
+        os.killpg(run.pid, signal.SIGKILL) if run.poll() is None else None
 
 
 def test_local_workers_and_ray_give_the_same_results_from_one_cache(records, tmp_path):

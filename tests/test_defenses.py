@@ -126,7 +126,7 @@ def test_input_transforms_do_what_they_say(tiny):
 
 
 def test_clipping_bounds_never_exceed_the_clean_maxima(tiny):
-    defense = fitted("clipping", tiny)
+    defense = fitted("clipping", tiny, quantile=1.0)
     tight = fitted("clipping", tiny, quantile=0.9)
     assert defense.layers_ == ["layer1", "layer2", "layer3"]
     seen = {}
@@ -144,6 +144,19 @@ def test_clipping_bounds_never_exceed_the_clean_maxima(tiny):
         assert torch.allclose(defense.bounds_[layer], seen[layer])
         assert torch.all(tight.bounds_[layer] <= seen[layer])
     assert (defense.predict(tiny.test_x) == tiny.test_y).float().mean() > 0.97  # clean maxima keep clean inputs
+
+
+def test_clipping_auto_takes_the_tightest_quantile_within_the_tolerance(tiny):
+    def changed(defense) -> float:
+        return float((defense.predict(tiny.reference) != tiny.model(tiny.reference).argmax(1)).float().mean())
+
+    auto = fitted("clipping", tiny, tolerance=0.05)
+    assert auto.quantile_ in auto.QUANTILES and changed(auto) <= 0.05
+    tighter = [q for q in auto.QUANTILES if q < auto.quantile_]
+    if tighter:  # the next tighter quantile breaks the tolerance
+        assert changed(fitted("clipping", tiny, quantile=tighter[-1])) > 0.05
+    with pytest.raises(FireDefenseError, match="quantile"):
+        fitted("clipping", tiny, quantile="max")
 
 
 def test_correction_with_the_true_trigger_restores_poisoned_inputs(tiny):

@@ -65,6 +65,10 @@ class RuntimeDefense(ABC):
 
     Args:
         batch_size: Inputs per call of :meth:`_decide` (a defense may run many passes per input).
+        pass_batch: Images per forward pass of the model, for a defense that runs many per input
+            (blends, corruptions, scaled copies): bounds memory, and on a CPU small batches that
+            stay in cache run fastest (64 is ~1.8x faster per image than 128 for the embedded
+            default's model on one core). Raise it on a GPU.
         seed: Seeds every random choice the defense makes (a ``torch.Generator`` made in ``fit``).
     """
 
@@ -73,8 +77,9 @@ class RuntimeDefense(ABC):
     needs: frozenset[str] = frozenset()  # of {"poisoned", "trigger"}; a property where it depends on params
     source: ClassVar[str] = ""  # the paper it follows
 
-    def __init__(self, *, batch_size: int = 256, seed: int = 0) -> None:
+    def __init__(self, *, batch_size: int = 256, pass_batch: int = 64, seed: int = 0) -> None:
         self.batch_size = batch_size
+        self.pass_batch = pass_batch
         self.seed = seed
 
     # --- what subclasses implement ---------------------------------------------------------------------------
@@ -107,8 +112,10 @@ class RuntimeDefense(ABC):
             FireDefenseError: the model is training, ``clean`` is empty or not an image batch, or a
                 declared need (``poisoned`` / ``trigger``) is missing.
         """
-        if self.batch_size < 1:
-            raise FireDefenseError(f"{self.name}: batch_size must be >= 1, got {self.batch_size}.")
+        if self.batch_size < 1 or self.pass_batch < 1:
+            raise FireDefenseError(
+                f"{self.name}: batch_size and pass_batch must be >= 1, got {self.batch_size} and {self.pass_batch}."
+            )
         if model.training:
             raise FireDefenseError(f"{self.name}: the model is in training mode; call model.eval() first.")
         for what, data in (("clean", clean), ("poisoned", poisoned)):
@@ -166,9 +173,12 @@ class RuntimeDefense(ABC):
 
     # --- helpers for subclasses ------------------------------------------------------------------------------
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        """One forward pass of the model."""
-        return self.model_(x)
+    def _logits(self, x: torch.Tensor, model: nn.Module | None = None) -> torch.Tensor:
+        """One forward pass of the model (or of ``model``, a modified copy) per image, ``pass_batch`` at a time."""
+        model = self.model_ if model is None else model
+        if len(x) <= self.pass_batch:
+            return model(x)
+        return torch.cat([model(part) for part in x.split(self.pass_batch)])
 
     def _layer(self, layer: str) -> str:
         """The dotted name of ``layer`` in the model; ``'last'`` is its last stage output."""

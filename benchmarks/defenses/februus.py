@@ -69,7 +69,7 @@ class Februus(RuntimeDefense):
 
         with torch.inference_mode(False), torch.enable_grad(), HookHandles(self.model_, [(self.layer_, keep)]):
             inputs = x.detach().clone().requires_grad_(True)  # a tensor autograd may record (not an inference one)
-            logits = self._logits(inputs)
+            logits = self.model_(inputs)  # one pass over the whole batch: the hook keeps one map
             predicted = logits.argmax(1)
             logits.gather(1, predicted[:, None]).sum().backward()
             maps, grads = kept[0], kept[0].grad

@@ -73,9 +73,6 @@ class IbdPsc(RuntimeDefense):
     def forward_passes(self) -> float:
         return float(1 + (len(self.scaled_models_) if hasattr(self, "scaled_models_") else self.n))
 
-    def _predict(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([model(batch).argmax(1) for batch in x.split(self.batch_size)])
-
     def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:
         if self.n < 1 or self.omega <= 0 or not 0 <= self.xi < 1:
             raise FireDefenseError("ibd-psc: n must be >= 1, omega > 0 and xi in [0, 1).")
@@ -90,11 +87,14 @@ class IbdPsc(RuntimeDefense):
         members: list[nn.Module] = []
         self.start_depth_ = None
         with torch.no_grad():  # not inference_mode: the copies' parameters must stay ordinary tensors
-            reference = self._predict(self.model_, clean)
+            reference = self._logits(clean).argmax(1)
             for depth, layer in enumerate(layers, start=1):
                 layer.weight.mul_(self.omega)
                 layer.bias.mul_(self.omega)
-                if self.start_depth_ is None and (self._predict(scaled, clean) != reference).float().mean() > self.xi:
+                if (
+                    self.start_depth_ is None
+                    and (self._logits(clean, scaled).argmax(1) != reference).float().mean() > self.xi
+                ):
                     self.start_depth_ = depth
                 if self.start_depth_ is not None:
                     members.append(copy.deepcopy(scaled))
@@ -109,7 +109,7 @@ class IbdPsc(RuntimeDefense):
         """The deployed model's labels for ``x`` and their PSC: mean amplified-model confidence in them."""
         labels = self._logits(x).argmax(1)
         rows = torch.arange(len(x), device=x.device)
-        confidence = sum(model(x).float().softmax(1)[rows, labels] for model in self.scaled_models_)
+        confidence = sum(self._logits(x, model).float().softmax(1)[rows, labels] for model in self.scaled_models_)
         return labels, confidence / len(self.scaled_models_)
 
     def _decide(self, x: torch.Tensor) -> Decision:

@@ -27,7 +27,7 @@ from fire_defense import FireDefenseError
 
 __all__ = ["Strip"]
 
-_CHUNK = 1024  # blended copies per forward pass of the model
+_CHUNK = 1024  # blended copies made at once (memory); the model sees pass_batch of them per pass
 
 
 def _check_images(x: torch.Tensor, like: torch.Tensor | None = None) -> None:
