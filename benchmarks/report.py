@@ -70,7 +70,7 @@ def leaderboard(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         for column in numeric:
             values = [r[column] for r in rows if r.get(column) is not None]
             entry[column] = float(np.mean(values)) if values else None
-            if column in ("test_acc", "test_asr", "test_ra", "der") and values:
+            if column in ("test_acc", "test_asr", "test_ra", "der") and len(values) > 1:
                 entry[f"{column}_std"] = float(np.std(values))
         entry["seeds"] = len(rows)
         entry["split"] = rows[0]["split"]
