@@ -230,6 +230,47 @@ def test_resume_after_a_killed_run_recomputes_nothing_finished(records, tmp_path
         assert (out / "cache" / name).stat().st_mtime_ns == mtime and (out / "cache" / name).read_text() == text
 
 
+def test_a_grid_trains_only_its_missing_records_through_the_executor(tmp_path, monkeypatch):
+    import fire_adapters.factory as factory
+
+    made: set[str] = set()
+
+    def fake_make_record(recipe, out_dir, data_root=None, device=None, progress=True):
+        made.add(recipe.name)  # a small untrained record stands in for an hour of training
+        root = write_fake_record(tmp_path / "bb" / recipe.name, name=recipe.name, n_train=300, n_test=150)
+        (Path(out_dir) / recipe.name).parent.mkdir(parents=True, exist_ok=True)
+        (Path(out_dir) / recipe.name).symlink_to(root)
+        return factory.MadeRecord(Path(out_dir) / recipe.name, recipe, {"test_acc": 0.1}, 1.0, cached=False)
+
+    def fake_find(recipe, out_dir):
+        return None if recipe.name not in made else "found"
+
+    monkeypatch.setattr(factory, "make_record", fake_make_record)
+    monkeypatch.setattr(factory, "find_made_record", fake_find)
+    grid_file = tmp_path / "g.yaml"
+    grid_file.write_text(
+        yaml.safe_dump(
+            {
+                "make": {"attacks": ["badnet", "blended"], "epochs": 1},
+                "protocol": PROTOCOL,
+                "seeds": [0],
+                "defenses": [{"name": "none"}],
+                "latency": {"batch_sizes": [1], "rounds": 1},
+                "k_curve": None,
+            }
+        )
+    )
+    grid = load_grid(grid_file)
+    first = Recording()
+    results = run_grid(grid, tmp_path / "out", records_root=tmp_path / "records", executor=first)
+    recipes = [item for item in first.given if isinstance(item, factory.RecordRecipe)]
+    assert [r.attack for r in recipes] == ["badnet", "blended"] and len(results) == 2
+    assert {r["record"] for r in results} == {r.name for r in recipes}
+    again = Recording()
+    run_grid(grid, tmp_path / "out", records_root=tmp_path / "records", executor=again)
+    assert again.given == []  # the records were found, the cells cached
+
+
 def _children(pid: int) -> set[int]:
     found = set()
     for stat in Path("/proc").glob("[0-9]*/stat"):
