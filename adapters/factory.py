@@ -11,12 +11,12 @@ atomically, so an interrupted build leaves nothing that looks finished.
 from __future__ import annotations
 
 import csv
+import functools
 import io
-import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from tqdm.auto import tqdm
@@ -34,7 +34,6 @@ __all__ = [
     "MadeRecord",
     "RecordRecipe",
     "find_made_record",
-    "format_metrics",
     "load_attack",
     "make_record",
     "make_records",
@@ -198,6 +197,10 @@ def make_record(
     return MadeRecord(path, recipe, metrics, seconds, cached=False)
 
 
+class _Mapper(Protocol):
+    def map(self, fn: Callable[[RecordRecipe], MadeRecord], items: Sequence[RecordRecipe]) -> Iterable[tuple]: ...
+
+
 def make_records(
     recipes: Sequence[RecordRecipe],
     out_dir: str | Path,
@@ -205,17 +208,31 @@ def make_records(
     device: torch.device | str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    executor: _Mapper | None = None,
 ) -> list[MadeRecord]:
-    """:func:`make_record` for each recipe in turn, with an overall progress bar; finished ones are kept."""
-    made = []
-    for recipe in progress_bar(recipes, desc="records", unit="record", disable=not progress, min_total=2):
-        started = time.perf_counter()
-        made.append(make_record(recipe, out_dir, data_root, device, overwrite, progress))
-        if progress and not made[-1].cached:
-            tqdm.write(f"{recipe.name}: {format_metrics(made[-1].metrics)} in {time.perf_counter() - started:.0f} s")
-    return made
+    """:func:`make_record` for each recipe, with an overall progress bar; finished ones are kept (not rebuilt).
+
+    Args:
+        executor: Trains the missing records: anything whose ``map(fn, items)`` yields ``(item, fn(item))``
+            as each finishes, e.g. ``fire_bench``'s executors (several at once). Default: one after
+            another in this process.
+    """
+    out_dir = Path(out_dir)
+    found = {} if overwrite else {r.name: m for r in recipes if (m := find_made_record(r, out_dir)) is not None}
+    todo = [recipe for recipe in recipes if recipe.name not in found]
+    if todo and progress:
+        tqdm.write(f"training {len(todo)} of {len(recipes)} records into {out_dir}")
+    train = functools.partial(
+        make_record, out_dir=out_dir, data_root=data_root, device=device, overwrite=overwrite, progress=progress
+    )
+    finished = executor.map(train, todo) if executor is not None else ((recipe, train(recipe)) for recipe in todo)
+    bar = progress_bar(finished, total=len(todo), desc="records", unit="record", disable=not progress, min_total=2)
+    for recipe, made in bar:
+        found[recipe.name] = made
+        if progress:
+            tqdm.write(f"{recipe.name}: {_format_metrics(made.metrics)} in {made.train_seconds:.0f} s of training")
+    return [found[recipe.name] for recipe in recipes]
 
 
-def format_metrics(metrics: Mapping[str, float]) -> str:
-    """``test_acc 90.84%, test_asr 99.90%, ...``: a record's attack metrics for a log line."""
+def _format_metrics(metrics: Mapping[str, float]) -> str:
     return ", ".join(f"{k} {100 * v:.2f}%" for k, v in metrics.items())

@@ -61,7 +61,7 @@ class LocalExecutor:
     """
 
     def __init__(self, workers: int | None = None) -> None:
-        workers = workers or os.cpu_count() or 1
+        workers = (os.cpu_count() or 1) if workers is None else workers
         if workers < 1:
             raise FireDefenseError(f"workers must be >= 1, got {workers}.")
         self.workers = workers

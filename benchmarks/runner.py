@@ -36,26 +36,17 @@ def find_records(folder: str | Path) -> list[Path]:
 
 def _made_records(grid: Grid, records_root: Path, data_root: str | None, device: str, executor: Executor) -> list[Path]:
     """The grid's records: those made before from the same recipe are found, the others trained by ``executor``."""
-    from fire_adapters.factory import RecordRecipe, find_made_record, format_metrics, make_record
+    from fire_adapters.factory import RecordRecipe, make_records
     from fire_adapters.training import TrainConfig
 
     assert grid.make is not None
-    folder = records_root / grid.name
     recipes = [
         RecordRecipe(dataset, attack, grid.make.model, seed, train=TrainConfig(epochs=grid.make.epochs))
         for dataset in grid.make.datasets
         for attack in grid.make.attacks
         for seed in grid.make.seeds
     ]
-    todo = [recipe for recipe in recipes if find_made_record(recipe, folder) is None]
-    if todo:
-        tqdm.write(f"{grid.name}: training {len(todo)} of {len(recipes)} records into {folder}")
-        train = functools.partial(make_record, out_dir=folder, data_root=data_root, device=device, progress=False)
-        with tqdm(total=len(todo), desc="records", unit="record") as progress:
-            for recipe, made in executor.map(train, todo):
-                tqdm.write(f"{recipe.name}: {format_metrics(made.metrics)} in {made.train_seconds:.0f} s of training")
-                progress.update()
-    return [folder / recipe.name for recipe in recipes]
+    return [made.path for made in make_records(recipes, records_root / grid.name, data_root, device, executor=executor)]
 
 
 def grid_cells(

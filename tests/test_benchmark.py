@@ -93,6 +93,8 @@ def test_grid_errors_name_the_problem(tmp_path, records):
         load_grid(tmp_path / "e.yaml")
     with pytest.raises(UnknownNameError):
         create_executor("slurm")
+    with pytest.raises(FireDefenseError, match="workers must be >= 1"):
+        LocalExecutor(workers=0)
 
 
 # --- metrics ----------------------------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ def test_a_grid_trains_only_its_missing_records_through_the_executor(tmp_path, m
 
     made: set[str] = set()
 
-    def fake_make_record(recipe, out_dir, data_root=None, device=None, progress=True):
+    def fake_make_record(recipe, out_dir, data_root=None, device=None, overwrite=False, progress=True):
         made.add(recipe.name)  # a small untrained record stands in for an hour of training
         root = write_fake_record(tmp_path / "bb" / recipe.name, name=recipe.name, n_train=300, n_test=150)
         (Path(out_dir) / recipe.name).parent.mkdir(parents=True, exist_ok=True)
@@ -243,7 +245,8 @@ def test_a_grid_trains_only_its_missing_records_through_the_executor(tmp_path, m
         return factory.MadeRecord(Path(out_dir) / recipe.name, recipe, {"test_acc": 0.1}, 1.0, cached=False)
 
     def fake_find(recipe, out_dir):
-        return None if recipe.name not in made else "found"
+        path = Path(out_dir) / recipe.name
+        return factory.MadeRecord(path, recipe, {}, 1.0, cached=True) if recipe.name in made else None
 
     monkeypatch.setattr(factory, "make_record", fake_make_record)
     monkeypatch.setattr(factory, "find_made_record", fake_find)
