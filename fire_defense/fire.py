@@ -31,110 +31,24 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from fire_defense.device import module_device
 from fire_defense.errors import FireDefenseError, NotFittedError, first_line
-from fire_defense.layers import HookHandles, StopForward, candidate_layers, resolve_layers
-from fire_defense.metrics import predict
+from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers
+from fire_defense.repair import REPAIRS, LayerRepair, build_repair, repair_hook
+from fire_defense.selection import SELECTIONS, choose_layer
+from fire_defense.statistics import LayerStatistics
 
 __all__ = ["FIRE", "MODES", "RepairedModel"]
 
-MODES = ("shift", "project", "gate")
-SELECTIONS = ("repair", "separation")
-_TIE = 0.05  # repair scores this close count as a tie, broken by separation
-_PROBE_CLEAN = 64  # clean reference inputs used to score a candidate layer's repair
+MODES = tuple(REPAIRS)
 Data = torch.Tensor | Iterable[torch.Tensor] | Iterable[Sequence[torch.Tensor]]
-
-
-class _LayerStats:
-    """Running sums at one layer (float64), and the clean activations kept to calibrate thresholds."""
-
-    def __init__(self, shape: torch.Size, keep_poisoned: bool) -> None:
-        self.shape = shape
-        self.sums: dict[str, torch.Tensor] = {}
-        self.counts: dict[str, int] = {}
-        self.calibration: list[torch.Tensor] = []
-        self.poisoned: list[torch.Tensor] | None = [] if keep_poisoned else None
-        self.basis: torch.Tensor | None = None
-
-    def add(self, stream: str, activations: torch.Tensor) -> None:
-        flat = activations.flatten(1)
-        if stream in self.sums:
-            self.sums[stream] += flat.sum(0, dtype=torch.float64)
-        else:
-            self.sums[stream] = flat.sum(0, dtype=torch.float64)
-        self.counts[stream] = self.counts.get(stream, 0) + len(flat)
-        if stream == "clean":
-            self.calibration.append(flat.float())
-        elif stream == "poisoned" and self.poisoned is not None:
-            self.poisoned.append(flat.float())
-
-    def mean(self, stream: str) -> torch.Tensor:
-        if not self.counts.get(stream):
-            raise NotFittedError(f"no {stream} samples seen yet at this layer; fit or partial_fit with some first.")
-        return self.sums[stream] / self.counts[stream]
-
-    @property
-    def direction(self) -> torch.Tensor:
-        """Flat ``beta``: mean poisoned minus mean clean activation (of augmented views, if any)."""
-        clean = "clean_views" if "clean_views" in self.counts else "clean"
-        return self.mean("poisoned") - self.mean(clean)
-
-    def clean_activations(self) -> torch.Tensor:
-        return torch.cat(self.calibration)
-
-    def unit_basis(self) -> torch.Tensor:
-        """Orthonormal rows ``(r, d)``: the principal directions if fitted (rank > 1), else ``beta`` normalised."""
-        if self.basis is not None:
-            return self.basis
-        beta = self.direction
-        return (beta / beta.norm().clamp_min(1e-12))[None]
-
-    def separation(self) -> float:
-        """d' of the projections of clean and poisoned activations on ``beta``."""
-        basis = self.unit_basis()[0].float()
-        clean = self.clean_activations() @ basis
-        poisoned = torch.cat(self.poisoned) @ basis
-        pooled = ((clean.var(unbiased=False) + poisoned.var(unbiased=False)) / 2).sqrt()
-        return float((poisoned.mean() - clean.mean()) / pooled.clamp_min(1e-12))
-
-    def state(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"shape": list(self.shape), "counts": dict(self.counts)}
-        state["sums"] = {k: v.cpu() for k, v in self.sums.items()}
-        state["calibration"] = self.clean_activations().cpu() if self.calibration else torch.empty(0)
-        if self.basis is not None:
-            state["basis"] = self.basis.cpu()
-        return state
-
-    @classmethod
-    def from_state(cls, state: Mapping[str, Any], device: torch.device) -> _LayerStats:
-        stats = cls(torch.Size(state["shape"]), keep_poisoned=False)
-        stats.counts = {k: int(v) for k, v in state["counts"].items()}
-        stats.sums = {k: v.to(device, torch.float64) for k, v in state["sums"].items()}
-        if len(state["calibration"]):
-            stats.calibration = [state["calibration"].to(device)]
-        if "basis" in state:
-            stats.basis = state["basis"].to(device)
-        return stats
-
-
-@dataclass
-class _Repair:
-    """What the hook at one layer needs, in the dtype and device of that layer's output."""
-
-    offset: torch.Tensor  # alpha * beta, at the layer's shape
-    basis_t: torch.Tensor  # (d, r) unit directions as columns
-    center: torch.Tensor  # (r,) projections of the clean mean
-    cap: torch.Tensor  # (r,) clean 1 - fpr quantiles of the centred projections (project mode)
-    threshold: torch.Tensor  # clean quantile of the first centred projection (gate mode), 0-d
-    gate_level: torch.Tensor  # threshold + center[0]: compared with the raw projection, one op less
+Streams = Mapping[str, list[torch.Tensor]]
 
 
 class FIRE:
@@ -153,6 +67,10 @@ class FIRE:
         views: Augmented copies per input.
         batch_size: Inputs per forward pass while fitting.
         select: How ``layers='auto'`` chooses: ``'repair'`` or ``'separation'`` (module docstring).
+
+    Fitted state: ``layers_`` (the repaired layers), ``stats_`` (their
+    :class:`~fire_defense.statistics.LayerStatistics`), ``repairs_`` (their repair modules, refreshed
+    in place by :meth:`partial_fit`), ``paired_``, and with ``layers='auto'`` ``layer_scores_``.
 
     Example:
         >>> fire = FIRE(model, layers="layer3", mode="gate").fit(clean, poisoned=seen_poisoned)
@@ -185,8 +103,8 @@ class FIRE:
         self.views = views
         self.batch_size = batch_size
         self.select = select
-        self._fitting = False  # set while a fitting pass runs (not a hyperparameter)
         self._attached: list[HookHandles] = []  # handles given out by attach()
+        self._own_passes = 0  # > 0 while FIRE's own fitting passes run: the attached hooks stand aside
 
     # --- validation and small helpers ---------------------------------------------------------------------------
 
@@ -231,9 +149,22 @@ class FIRE:
             raise FireDefenseError(f"the {what} set is empty; give at least one input.")
         return [b.to(self._device) for b in batches]
 
-    def _views(self, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-        assert self.augmentation is not None
-        return [torch.cat([self.augmentation(b) for _ in range(self.views)]) for b in batches]
+    def _streams(self, clean: list[torch.Tensor] | None, poisoned: list[torch.Tensor] | None) -> dict:
+        """The batches of each statistics stream: clean, their augmented views, poisoned (as views if augmenting)."""
+        augment = self.augmentation
+
+        def views(batches: list[torch.Tensor]) -> list[torch.Tensor]:
+            assert augment is not None
+            return [torch.cat([augment(b) for _ in range(self.views)]) for b in batches]
+
+        streams: dict[str, list[torch.Tensor]] = {}
+        if clean is not None:
+            streams["clean"] = clean
+            if augment is not None:
+                streams["clean_views"] = views(clean)
+        if poisoned is not None:
+            streams["poisoned"] = views(poisoned) if augment is not None else poisoned
+        return streams
 
     def _alpha(self, layer: str) -> float:
         if isinstance(self.alpha, Mapping):
@@ -249,66 +180,64 @@ class FIRE:
             )
 
     def _require_fitted(self) -> None:
-        if not hasattr(self, "stats_"):
+        if hasattr(self, "stats_") and not hasattr(self, "repairs_"):
+            raise NotFittedError("no poisoned samples seen yet; partial_fit(poisoned=...) with some first.")
+        if not hasattr(self, "repairs_"):
             raise NotFittedError("this FIRE is not fitted yet; call fit(clean, poisoned=... or trigger=...) first.")
 
-    # --- passes through the model ---------------------------------------------------------------------------
+    # --- gathering statistics -------------------------------------------------------------------------------------
 
-    def _capture(
+    def _gather(
         self,
-        batches: list[torch.Tensor],
+        streams: Streams,
         layers: Sequence[str],
-        sink: Callable[[str, torch.Tensor], None],
-        repaired: Sequence[str] = (),
+        stats: dict[str, LayerStatistics],
+        repairs: dict[str, LayerRepair] | None,
+        cascade: bool,
+        keep_poisoned: bool = False,
     ) -> None:
-        """Run ``batches`` with repairs at ``repaired``; hand each activation at ``layers`` to ``sink``.
+        """Add every stream's activations at ``layers`` to ``stats``, and refresh (or build) ``repairs`` from them.
 
-        The pass stops as soon as every captured layer has fired.
+        With ``cascade``, layer by layer, each from activations repaired at the layers before it
+        (``repairs`` is then required); ``repairs=None`` leaves repairs to the caller.
         """
-        pending: set[str] = set()
-
-        def capture(name: str) -> Callable:
-            def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
-                sink(name, _as_tensor(name, output).detach())
-                pending.discard(name)
-                if not pending:
-                    raise StopForward
-
-            return hook
-
-        hooks = [(name, self._repair_hook(name, fitting=True)) for name in repaired]
-        hooks += [(name, capture(name)) for name in layers]
-        self._fitting = True  # hooks attached by the user (attach / attached) stand aside meanwhile
-        try:
-            with torch.inference_mode(), HookHandles(self.model, hooks):
-                for batch in batches:
-                    pending.update(layers)
-                    with contextlib.suppress(StopForward):
-                        self.model(batch)
-                    if pending:
-                        raise FireDefenseError(f"layers {sorted(pending)} did not run in the model's forward pass.")
-        finally:
-            self._fitting = False
-
-    def _accumulate(self, streams: Mapping[str, list[torch.Tensor]], layers: Sequence[str]) -> None:
-        """Add every stream's activations at ``layers`` to the running statistics (cascaded if asked)."""
-        groups = [[layer] for layer in layers] if self.cascade else [list(layers)]
+        groups = [[layer] for layer in layers] if cascade else [list(layers)]
         done: list[str] = []
-        for group in groups:
-            for stream, batches in streams.items():
-                self._capture(batches, group, lambda name, act, s=stream: self._stats(name, act).add(s, act), done)
-            done += group
-            self._invalidate()
 
-    def _stats(self, layer: str, activations: torch.Tensor) -> _LayerStats:
-        if layer not in self.stats_:
-            self.stats_[layer] = _LayerStats(activations.shape[1:], keep_poisoned=self._keep_poisoned)
-        elif activations.shape[1:] != self.stats_[layer].shape:
-            raise FireDefenseError(
-                f"layer {layer} gave activations of shape {tuple(activations.shape[1:])}, earlier "
-                f"{tuple(self.stats_[layer].shape)}; inputs must be batches (N, ...) of one size (one input: x[None])."
-            )
-        return self.stats_[layer]
+        def sink(stream: str) -> Callable[[str, torch.Tensor], None]:
+            def add(layer: str, activations: torch.Tensor) -> None:
+                if layer not in stats:
+                    stats[layer] = LayerStatistics(activations.shape[1:], activations.dtype, keep_poisoned)
+                elif activations.shape[1:] != stats[layer].shape:
+                    raise FireDefenseError(
+                        f"layer {layer} gave activations of shape {tuple(activations.shape[1:])}, earlier "
+                        f"{tuple(stats[layer].shape)}; inputs must be batches (N, ...) of one size "
+                        "(one input: x[None])."
+                    )
+                stats[layer].add(stream, activations)
+
+            return add
+
+        for group in groups:
+            hooks = [(layer, repair_hook(layer, repairs[layer])) for layer in done] if repairs is not None else []
+            self._own_passes += 1  # hooks given out by attach() stand aside: these passes carry their own repairs
+            try:
+                for stream, batches in streams.items():
+                    capture_activations(self.model, batches, group, sink(stream), hooks)
+            finally:
+                self._own_passes -= 1
+            for layer in group if repairs is not None else ():
+                if "poisoned" in stats[layer].counts and "clean" in stats[layer].counts:
+                    self._refresh(layer, stats[layer], repairs, len(layers))
+            done += group
+
+    def _refresh(self, layer: str, stats: LayerStatistics, repairs: dict[str, LayerRepair], layers: int) -> None:
+        """Refresh ``repairs[layer]`` in place from ``stats`` (build it if it is missing or of another rank)."""
+        repair = repairs.get(layer)
+        if repair is None or repair.cap.numel() != stats.unit_basis().shape[0]:
+            repairs[layer] = build_repair(self.mode, stats, self._alpha(layer), self.fpr, layers)
+        else:
+            repair.refresh(stats, self._alpha(layer), self.fpr, layers)
 
     # --- fitting --------------------------------------------------------------------------------------------------
 
@@ -333,8 +262,6 @@ class FIRE:
         """
         self._validate()
         self._refuse_while_attached("fit()")
-        self.stats_: dict[str, _LayerStats] = {}
-        self._invalidate()
         clean_batches = self._batches(clean, "clean")
         if trigger is not None and poisoned is not None:
             raise FireDefenseError("give poisoned inputs or a trigger, not both.")
@@ -348,75 +275,49 @@ class FIRE:
             raise FireDefenseError("paired data needs as many poisoned twins as clean inputs, in the same batches.")
         if self.rank > 1 and not paired:
             raise FireDefenseError("rank > 1 needs paired data (a trigger, or paired=True).")
-        self.paired_ = paired
         auto = isinstance(self.layers, str) and self.layers == "auto"
         if auto and poisoned_batches is None:
             raise FireDefenseError(
                 "layers='auto' needs poisoned inputs or a trigger to choose from; or name the layers."
             )
-        self._keep_poisoned = auto or self.rank > 1
         layers = candidate_layers(self.model) if auto else resolve_layers(self.model, self.layers)
-        self.layers_ = layers
-        if isinstance(self.alpha, Mapping):
-            unknown = set(self.alpha) - set(layers) if not auto else set()
-            if unknown:
-                raise FireDefenseError(f"alpha names layers that are not repaired: {sorted(unknown)}.")
-        streams = {"clean": clean_batches}
-        if self.augmentation is not None:
-            streams["clean_views"] = self._views(clean_batches)
-        if poisoned_batches is not None:
-            streams["poisoned"] = self._views(poisoned_batches) if self.augmentation is not None else poisoned_batches
-        if auto:  # one pass at every candidate, then keep the best one
-            cascade, self.cascade = self.cascade, False
-            try:
-                self._accumulate(streams, layers)
-            finally:
-                self.cascade = cascade
-            best = self._choose_layer(layers, clean_batches, poisoned_batches)
-            self.layers_, self.stats_ = [best], {best: self.stats_[best]}
+        unknown = sorted(set(self.alpha) - set(layers)) if isinstance(self.alpha, Mapping) and not auto else []
+        if unknown:
+            raise FireDefenseError(f"alpha names layers that are not repaired: {unknown}.")
+        streams = self._streams(clean_batches, poisoned_batches)
+        stats: dict[str, LayerStatistics] = {}
+        repairs: dict[str, LayerRepair] = {}
+        layer_scores = None
+        if auto:  # one pass to every candidate, then keep the best one
+            self._gather(streams, layers, stats, None, cascade=False, keep_poisoned=True)
+            assert poisoned_batches is not None
+            choice = choose_layer(
+                self.model,
+                stats,
+                torch.cat(clean_batches),
+                torch.cat(poisoned_batches),
+                build=lambda layer: build_repair(self.mode, stats[layer], self._alpha(layer), self.fpr, 1),
+                select=self.select,
+                batch_size=self.batch_size,
+            )
+            layers, layer_scores = [choice.layer], choice.scores
+            stats = {choice.layer: stats[choice.layer]}
         else:
-            self._accumulate(streams, layers)
-        if self.rank > 1:
-            for stats in self.stats_.values():
-                differences = torch.cat(stats.poisoned) - stats.clean_activations()
-                basis = torch.linalg.svd(differences.double(), full_matrices=False).Vh[: self.rank]
-                signs = torch.sign(basis @ differences.double().mean(0)).clamp_min(0) * 2 - 1
-                stats.basis = basis * signs[:, None]  # oriented along the mean difference
-        for stats in self.stats_.values():
-            stats.poisoned = None  # the per-sample store was only needed to choose and decompose
-        self._keep_poisoned = False
+            self._gather(streams, layers, stats, repairs, cascade=self.cascade, keep_poisoned=self.rank > 1)
+        for layer in layers:
+            if self.rank > 1:
+                stats[layer].decompose(self.rank)
+            stats[layer].forget_poisoned()
+        self.layers_, self.stats_, self.paired_ = layers, stats, paired
+        self.__dict__.pop("repairs_", None)
+        if all("poisoned" in stats[layer].counts for layer in layers):  # else partial_fit(poisoned=...) completes it
+            for layer in layers:
+                self._refresh(layer, stats[layer], repairs, len(layers))
+            self.repairs_ = repairs
+        self.__dict__.pop("layer_scores_", None)
+        if layer_scores is not None:
+            self.layer_scores_ = layer_scores
         return self
-
-    def _choose_layer(self, candidates: list[str], clean: list[torch.Tensor], poisoned: list[torch.Tensor]) -> str:
-        """The candidate whose repair best moves the poisoned inputs off their prediction and leaves clean ones."""
-        separation = {layer: self.stats_[layer].separation() for layer in candidates}
-        if self.select == "separation":
-            self.layer_scores_ = {layer: {"separation": separation[layer]} for layer in candidates}
-            return max(candidates, key=separation.__getitem__)
-        probe_clean, probe_poisoned = torch.cat(clean)[:_PROBE_CLEAN], torch.cat(poisoned)
-        clean_before = predict(self.model, probe_clean, self.batch_size)
-        poisoned_before = predict(self.model, probe_poisoned, self.batch_size)
-        target = np.bincount(poisoned_before).argmax()  # the attack's label, as the defender can infer it
-        every, repair = self.stats_, {}
-        try:
-            for layer in candidates:
-                self.layers_, self.stats_ = [layer], {layer: every[layer]}
-                self._invalidate()
-                hooks = [(layer, self._repair_hook(layer, fitting=True))]
-                self._fitting = True  # (no user hooks can be attached here: fit() refuses then)
-                try:
-                    with HookHandles(self.model, hooks):
-                        moved = np.mean(predict(self.model, probe_poisoned, self.batch_size) != target)
-                        disturbed = np.mean(predict(self.model, probe_clean, self.batch_size) != clean_before)
-                finally:
-                    self._fitting = False
-                repair[layer] = float(moved - disturbed)
-        finally:
-            self.stats_ = every
-            self._invalidate()
-        self.layer_scores_ = {layer: {"repair": repair[layer], "separation": separation[layer]} for layer in candidates}
-        near_best = [layer for layer in candidates if repair[layer] >= max(repair.values()) - _TIE]
-        return max(near_best, key=separation.__getitem__)
 
     def partial_fit(
         self,
@@ -427,7 +328,8 @@ class FIRE:
         """Update the running statistics with more inputs (streaming); no input is stored.
 
         The first call needs ``clean`` (or a prior :meth:`fit`) and named layers. ``trigger`` adds
-        the triggered version of ``clean`` as poisoned inputs.
+        the triggered version of ``clean`` as poisoned inputs. Hooks attached by :meth:`attach`
+        follow the updates.
         """
         if self.rank > 1:
             raise FireDefenseError("rank > 1 needs all paired differences at once; use fit(), not partial_fit().")
@@ -441,86 +343,32 @@ class FIRE:
                 )
             if clean is None:
                 raise FireDefenseError("the first partial_fit needs the clean reference set.")
-            self.stats_, self.paired_, self._keep_poisoned = {}, False, False
-            self._invalidate()
             self.layers_ = resolve_layers(self.model, self.layers)
+            self.stats_, self.paired_ = {}, False
         self._check_eval()
-        streams: dict[str, list[torch.Tensor]] = {}
-        if clean is not None:
-            streams["clean"] = self._batches(clean, "clean")
-            if self.augmentation is not None:
-                streams["clean_views"] = self._views(streams["clean"])
+        clean_batches = None if clean is None else self._batches(clean, "clean")
         if trigger is not None:
-            if clean is None:
+            if clean_batches is None:
                 raise FireDefenseError("a trigger needs clean inputs to apply it to.")
-            poisoned_batches = [trigger(b) for b in streams["clean"]]
+            poisoned_batches = [trigger(b) for b in clean_batches]
         else:
             poisoned_batches = None if poisoned is None else self._batches(poisoned, "poisoned")
-        if poisoned_batches is not None:
-            streams["poisoned"] = self._views(poisoned_batches) if self.augmentation is not None else poisoned_batches
+        streams = self._streams(clean_batches, poisoned_batches)
         if not streams:
             raise FireDefenseError("partial_fit needs clean or poisoned inputs.")
-        self._accumulate(streams, self.layers_)
+        repairs = getattr(self, "repairs_", {})
+        self._gather(streams, self.layers_, self.stats_, repairs, cascade=self.cascade)
+        if len(repairs) == len(self.layers_):
+            self.repairs_ = repairs  # fitted once every layer has seen clean and poisoned inputs
         return self
 
     # --- the repair ---------------------------------------------------------------------------------------------
 
-    def _invalidate(self) -> None:
-        """Forget the repair tensors derived from the statistics (they changed); hooks notice the new version."""
-        self._cache: dict[tuple, _Repair] = {}
-        self._version = getattr(self, "_version", 0) + 1
-
-    def _repair_for(self, layer: str, dtype: torch.dtype, device: torch.device) -> _Repair:
-        key = (layer, dtype, device)
-        if key not in self._cache:
-            self._cache[key] = self._build_repair(layer, dtype, device)
-        return self._cache[key]
-
-    @torch.inference_mode(False)
-    def _build_repair(self, layer: str, dtype: torch.dtype, device: torch.device) -> _Repair:
-        """Ordinary (not inference-mode) tensors, so a repaired forward pass can also be differentiated."""
-        stats = self.stats_[layer]
-        basis = stats.unit_basis()
-        center = basis @ stats.mean("clean")
-        projections = stats.clean_activations().double() @ basis.T - center  # (N, r)
-        cap = torch.quantile(projections, 1 - self.fpr, dim=0)
-        threshold = torch.quantile(projections[:, 0], 1 - self.fpr / len(self.layers_))
-        offset = (self._alpha(layer) * stats.direction).view(stats.shape)
-        tensors = (offset, basis.T, center, cap, threshold, threshold + center[0])
-        return _Repair(*(t.to(device, dtype).contiguous().clone() for t in tensors))
-
-    def _repair_hook(
-        self, layer: str, scores: dict[str, torch.Tensor] | None = None, fitting: bool = False
-    ) -> Callable:
-        """The forward hook at ``layer``: few tensor operations, since it runs on every forward pass.
-
-        A hook made for a fitting pass (``fitting=True``) repairs during it; the others stand aside then.
-        """
-        mode, cached = self.mode, [None, None]  # [repair, (dtype, device, version)]: resolved when they change
-
-        def hook(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
-            if self._fitting != fitting:
-                return None
-            if not isinstance(output, torch.Tensor):
-                _as_tensor(layer, output)
-            if cached[1] != (output.dtype, output.device, self._version):
-                cached[:] = (
-                    self._repair_for(layer, output.dtype, output.device),
-                    (output.dtype, output.device, self._version),
-                )
-            repair: _Repair = cached[0]
-            if scores is not None:
-                scores[layer] = torch.mv(output.flatten(1), repair.basis_t[:, 0]) - repair.center[0]
-            if mode == "shift":
-                return output - repair.offset
-            if mode == "gate":
-                projection = torch.mv(output.flatten(1), repair.basis_t[:, 0])
-                flagged = (projection > repair.gate_level).to(output.dtype).view(-1, *([1] * (output.ndim - 1)))
-                return torch.addcmul(output, flagged, repair.offset, value=-1)
-            excess = torch.addmm(-repair.center, output.flatten(1), repair.basis_t).sub_(repair.cap).clamp_min_(0)
-            return output - (excess @ repair.basis_t.T).view_as(output)
-
-        return hook
+    def _hooks(self, scores: dict[str, torch.Tensor] | None = None, user: bool = True) -> list:
+        """The repair hooks at every repaired layer; a user's hooks stand aside while FIRE's own passes run."""
+        self._require_fitted()
+        active = (lambda: self._own_passes == 0) if user else None
+        return [(layer, repair_hook(layer, self.repairs_[layer], scores, active)) for layer in self.layers_]
 
     @contextlib.contextmanager
     def attached(self, scores: dict[str, torch.Tensor] | None = None) -> Iterator[nn.Module]:
@@ -534,9 +382,8 @@ class FIRE:
 
     def attach(self, scores: dict[str, torch.Tensor] | None = None) -> HookHandles:
         """Attach the repair hooks until the returned handles' ``remove()``: the hot path, with no per-call cost."""
-        self._require_fitted()
         self._check_eval()
-        handles = HookHandles(self.model, [(layer, self._repair_hook(layer, scores)) for layer in self.layers_])
+        handles = HookHandles(self.model, self._hooks(scores))
         self._attached.append(handles)
         return handles
 
@@ -555,8 +402,7 @@ class FIRE:
     def detect(self, x: torch.Tensor) -> torch.Tensor:
         """``(N,)`` bool: the gate's verdict (any layer's score above its clean threshold)."""
         scores = self.scores(x)
-        thresholds = self.thresholds_
-        return torch.stack([scores[layer] > thresholds[layer] for layer in self.layers_]).any(0)
+        return torch.stack([scores[layer] > self.repairs_[layer].threshold for layer in self.layers_]).any(0)
 
     def fold(self, example: torch.Tensor, into: str | None = None) -> nn.Module:
         """A copy of the model with the ``shift`` folded into a downstream bias (:func:`fire_defense.fold.fold`)."""
@@ -565,9 +411,9 @@ class FIRE:
         return fold(self, example, into)
 
     def module(self) -> RepairedModel:
-        """The repaired model as an ``nn.Module`` (hooks attached during each forward call)."""
+        """The repaired model as an ``nn.Module``: the model and the repair modules (:class:`RepairedModel`)."""
         self._require_fitted()
-        return RepairedModel(self)
+        return RepairedModel(self.model, {layer: self.repairs_[layer] for layer in self.layers_})
 
     # --- fitted state -----------------------------------------------------------------------------------------
 
@@ -581,7 +427,7 @@ class FIRE:
     def thresholds_(self) -> dict[str, float]:
         """The gate threshold per layer (clean ``1 - fpr / L`` quantile of the projection score)."""
         self._require_fitted()
-        return {layer: float(self._repair_for(layer, torch.float64, self._device).threshold) for layer in self.layers_}
+        return {layer: float(self.repairs_[layer].threshold) for layer in self.layers_}
 
     def state_dict(self) -> dict[str, Any]:
         """Directions and statistics as tensors and plain values; saved, it loads with ``weights_only=True``."""
@@ -606,11 +452,12 @@ class FIRE:
         Nothing changes unless the whole state is valid.
         """
         self._refuse_while_attached("load_state_dict()")
+        dtype = next(self.model.parameters(), torch.empty(0)).dtype
         try:
             config, saved = state["config"], state["layers"]
             layers = resolve_layers(self.model, config["layers"])
             settings = {key: config[key] for key in ("mode", "alpha", "fpr", "rank", "cascade")}
-            stats = {layer: _LayerStats.from_state(saved[layer], self._device) for layer in layers}
+            stats = {layer: LayerStatistics.from_state(saved[layer], self._device, dtype) for layer in layers}
             paired = bool(config["paired"])
         except FireDefenseError:
             raise
@@ -620,12 +467,13 @@ class FIRE:
         self.__dict__.update(settings)
         try:
             self._validate()
+            repairs: dict[str, LayerRepair] = {}
+            for layer in layers:
+                self._refresh(layer, stats[layer], repairs, len(layers))
         except FireDefenseError:
             self.__dict__.update(previous)
             raise
-        self.layers_, self.stats_, self.paired_ = layers, stats, paired
-        self._keep_poisoned = False
-        self._invalidate()
+        self.layers_, self.stats_, self.repairs_, self.paired_ = layers, stats, repairs, paired
         return self
 
     def save(self, path: str | Path) -> None:
@@ -646,19 +494,23 @@ class FIRE:
 
 
 class RepairedModel(nn.Module):
-    """A fitted :class:`FIRE` as a module: ``RepairedModel(fire)(x) == fire(x)``; ``.to()`` moves the model."""
+    """A model with repair modules at named layers: ``fire.module()(x) == fire(x)``.
 
-    def __init__(self, fire: FIRE) -> None:
+    The repairs are submodules, so ``.to()`` moves them with the model and ``state_dict()`` holds
+    their buffers beside the model's weights. Hooks are attached for each forward call only.
+
+    Args:
+        model: The classifier.
+        repairs: ``{layer name: repair module}``, applied in this order.
+    """
+
+    def __init__(self, model: nn.Module, repairs: Mapping[str, LayerRepair]) -> None:
         super().__init__()
-        self.model = fire.model
-        self._fire = fire
+        self.model = model
+        self.layers = list(repairs)
+        self.repairs = nn.ModuleList(repairs.values())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        with self._fire.attached():
+        hooks = [(layer, repair_hook(layer, repair)) for layer, repair in zip(self.layers, self.repairs, strict=True)]
+        with HookHandles(self.model, hooks):
             return self.model(x)
-
-
-def _as_tensor(layer: str, output: Any) -> torch.Tensor:
-    if not isinstance(output, torch.Tensor):
-        raise FireDefenseError(f"layer {layer} returns a {type(output).__name__}, not a tensor; choose another layer.")
-    return output

@@ -8,16 +8,18 @@ timm's ``feature_info``), which is where automatic layer choice looks.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from fire_defense.errors import FireDefenseError
 
-__all__ = ["HookHandles", "StopForward", "candidate_layers", "resolve_layers"]
+__all__ = ["HookHandles", "StopForward", "candidate_layers", "capture_activations", "resolve_layers", "tensor_output"]
 
 # Stage outputs by architecture, matched at the end of a dotted module name.
 _STAGE_PATTERNS = (
@@ -95,7 +97,14 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early once the activations it needs are captured."""
 
 
-HookFn = Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]
+HookFn = Callable[[nn.Module, tuple, Any], torch.Tensor | None]
+
+
+def tensor_output(layer: str, output: Any) -> torch.Tensor:
+    """``output`` of ``layer``, which must be a tensor to be captured or repaired."""
+    if not isinstance(output, torch.Tensor):
+        raise FireDefenseError(f"layer {layer} returns a {type(output).__name__}, not a tensor; choose another layer.")
+    return output
 
 
 class HookHandles:
@@ -128,3 +137,38 @@ class HookHandles:
 
     def __exit__(self, *exc_info: object) -> None:
         self.remove()
+
+
+def capture_activations(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    layers: Sequence[str],
+    sink: Callable[[str, torch.Tensor], None],
+    hooks: Sequence[tuple[str, HookFn]] = (),
+) -> None:
+    """Run ``batches`` through ``model`` with ``hooks`` attached and hand each activation at ``layers`` to ``sink``.
+
+    Activations are detached and taken in inference mode; each pass stops as soon as every layer
+    in ``layers`` has fired (the rest of the network is not run).
+
+    Raises:
+        FireDefenseError: a layer did not run, or returned something other than a tensor.
+    """
+    pending: set[str] = set()
+
+    def capture(name: str) -> HookFn:
+        def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+            sink(name, tensor_output(name, output).detach())
+            pending.discard(name)
+            if not pending:
+                raise StopForward
+
+        return hook
+
+    with torch.inference_mode(), HookHandles(model, [*hooks, *((name, capture(name)) for name in layers)]):
+        for batch in batches:
+            pending.update(layers)
+            with contextlib.suppress(StopForward):
+                model(batch)
+            if pending:
+                raise FireDefenseError(f"layers {sorted(pending)} did not run in the model's forward pass.")

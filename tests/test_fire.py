@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -385,3 +387,72 @@ def test_a_real_backdoor_is_repaired_from_ten_poisoned_inputs(backdoored, mode):
     scores = fire.layer_scores_
     assert set(scores) == {"layer1", "layer2", "layer3"}
     assert all(np.isfinite(list(v.values())).all() for v in scores.values())
+
+
+# --- the pieces FIRE is made of: statistics, repair modules, a layer choice that changes nothing ----------------
+
+
+def _hyperparameters(fire: FIRE) -> dict:
+    return {name: value for name, value in vars(fire).items() if not name.startswith("_") and not name.endswith("_")}
+
+
+def test_fit_never_changes_hyperparameters_and_starts_from_scratch(backdoored):
+    model, reference, seen, *_ = backdoored
+    fire = FIRE(model, layers="auto", mode="gate", cascade=True)
+    before = _hyperparameters(fire)
+    fire.fit(reference, poisoned=seen)
+    assert _hyperparameters(fire) == before and hasattr(fire, "layer_scores_")
+    fire.layers = fire.layers_[0]  # a user's change of a hyperparameter, then a new fit
+    fire.fit(reference, poisoned=seen)
+    assert not hasattr(fire, "layer_scores_")  # nothing left over from the automatic choice
+
+
+def test_layer_choice_is_a_function_that_leaves_statistics_and_model_untouched(backdoored):
+    from fire_defense.layers import capture_activations
+    from fire_defense.repair import build_repair
+    from fire_defense.selection import choose_layer
+    from fire_defense.statistics import LayerStatistics
+
+    model, reference, seen, *_ = backdoored
+    layers = candidate_layers(model)
+    stats: dict[str, LayerStatistics] = {}
+    for stream, inputs in (("clean", reference), ("poisoned", seen)):
+        capture_activations(
+            model,
+            [inputs],
+            layers,
+            lambda layer, x, s=stream: stats.setdefault(layer, LayerStatistics(x.shape[1:], x.dtype, True)).add(s, x),
+        )
+    sums = {layer: {k: v.clone() for k, v in s.sums.items()} for layer, s in stats.items()}
+    hooks = sum(len(m._forward_hooks) for m in model.modules())
+    choices = {
+        select: choose_layer(
+            model, stats, reference, seen, lambda layer: build_repair("gate", stats[layer], 1.0, 0.01, 1), select
+        )
+        for select in ("repair", "separation")
+    }
+    assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
+    assert all(torch.equal(stats[layer].sums[k], sums[layer][k]) for layer in stats for k in sums[layer])
+    fitted = FIRE(model, layers="auto", mode="gate").fit(reference, poisoned=seen)
+    assert choices["repair"].layer == fitted.layers_[0] and choices["repair"].scores == fitted.layer_scores_
+    assert set(choices["separation"].scores[choices["separation"].layer]) == {"separation"}
+
+
+def test_repairs_are_modules_that_move_save_and_follow_streaming(synthetic):
+    model, clean, test, labels = synthetic
+    fire = FIRE(model, layers="encoder", mode="gate").fit(clean)  # no poisoned inputs yet
+    with pytest.raises(NotFittedError, match="no poisoned samples seen"):
+        fire.module()
+    fire.partial_fit(poisoned=trigger(test[:1]) + 5.0)  # a first, misleading estimate
+    repaired = fire.module()
+    state = repaired.state_dict()
+    assert {"repairs.0.offset", "repairs.0.threshold", "model.encoder.weight"} <= set(state)
+    misled = (repaired(trigger(test)).argmax(1) == labels).float().mean()
+    fire.partial_fit(poisoned=trigger(synthetic_data(500, seed=9)[0]))  # refreshed in place: the module follows
+    with torch.inference_mode():
+        assert (repaired(trigger(test)).argmax(1) == labels).float().mean() > misled
+        torch.testing.assert_close(repaired(trigger(test)), fire(trigger(test)))
+    double = copy.deepcopy(repaired).double()
+    assert double.repairs[0].offset.dtype == torch.float64
+    with torch.inference_mode():
+        torch.testing.assert_close(double(trigger(test).double()).float(), fire(trigger(test)))

@@ -1,0 +1,154 @@
+"""Per-layer repairs as modules: what FIRE does to a layer's output, with its constants as buffers.
+
+A repair maps a layer's output ``h`` to the repaired ``h``. It is an ``nn.Module`` whose
+constants (``alpha * beta``, the unit directions, the clean centre, caps and threshold) are
+buffers, so ``.to()``, ``state_dict()`` and ``torch.compile`` work as on any module (as pyvene's
+interventions are). A repair is built from :class:`~fire_defense.statistics.LayerStatistics` and
+refreshed in place when they change (streaming), so hooks and wrappers that hold it follow.
+
+With ``s = <h - mean_clean, beta / |beta|>`` the projection score:
+
+- :class:`ShiftRepair` (``shift``): ``h - alpha * beta`` for every input;
+- :class:`ProjectRepair` (``project``): remove the part of ``s`` (of each of ``r`` directions)
+  above the clean ``1 - fpr`` quantile;
+- :class:`GateRepair` (``gate``): the shift, only for inputs whose ``s`` exceeds the clean
+  ``1 - fpr / L`` quantile (``L`` repaired layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from fire_defense.errors import FireDefenseError
+from fire_defense.layers import HookFn, tensor_output
+from fire_defense.statistics import LayerStatistics
+
+__all__ = ["REPAIRS", "GateRepair", "LayerRepair", "ProjectRepair", "ShiftRepair", "build_repair", "repair_hook"]
+
+
+class LayerRepair(nn.Module):
+    """Base class: buffers shared by every mode, filled from a layer's statistics by :meth:`refresh`.
+
+    Args:
+        shape: The layer's output shape without the batch dimension.
+        rank: Unit directions held (``> 1`` only for ``project`` with paired data).
+        dtype: The dtype of the layer's output.
+        device: Where the layer runs.
+    """
+
+    mode: ClassVar[str] = ""
+
+    def __init__(self, shape: torch.Size, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        size = shape.numel()
+        with torch.inference_mode(False):  # ordinary tensors: a repaired pass can be differentiated
+            options = {"dtype": dtype, "device": device}
+            self.register_buffer("offset", torch.zeros(shape, **options))  # alpha * beta at the layer's shape
+            self.register_buffer("basis_t", torch.zeros(size, rank, **options))  # unit directions as columns
+            self.register_buffer("center", torch.zeros(rank, **options))  # projections of the clean mean
+            self.register_buffer("cap", torch.zeros(rank, **options))  # clean 1 - fpr quantiles (project)
+            self.register_buffer("threshold", torch.zeros((), **options))  # clean quantile of s (gate, detection)
+
+    @torch.no_grad()
+    def refresh(self, stats: LayerStatistics, alpha: float, fpr: float, layers: int) -> LayerRepair:
+        """Recompute the buffers from ``stats`` in place (their device and dtype stay); returns ``self``."""
+        basis = stats.unit_basis()
+        if basis.shape[0] != self.basis_t.shape[1]:
+            raise FireDefenseError(f"the statistics hold {basis.shape[0]} directions, the repair {self.cap.numel()}.")
+        center = basis @ stats.mean("clean")
+        projections = stats.clean_activations().double() @ basis.T - center  # (N, r)
+        values = {
+            "offset": (alpha * stats.direction).view(stats.shape),
+            "basis_t": basis.T,
+            "center": center,
+            "cap": torch.quantile(projections, 1 - fpr, dim=0),
+            "threshold": torch.quantile(projections[:, 0], 1 - fpr / layers),
+        }
+        with torch.inference_mode(False):
+            for name, value in values.items():
+                getattr(self, name).copy_(value)
+        return self
+
+    def score(self, output: torch.Tensor) -> torch.Tensor:
+        """``(N,)``: the projection score ``s`` on the first unit direction."""
+        return torch.mv(output.flatten(1), self.basis_t[:, 0].to(output)) - self.center[0].to(output)
+
+    def extra_repr(self) -> str:
+        return f"shape={tuple(self.offset.shape)}, rank={self.cap.numel()}"
+
+
+class ShiftRepair(LayerRepair):
+    """``h - alpha * beta`` for every input."""
+
+    mode = "shift"
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        return output - self.offset.to(output)
+
+
+class ProjectRepair(LayerRepair):
+    """``h - max(0, s - cap) * beta_hat`` along each unit direction."""
+
+    mode = "project"
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        basis_t = self.basis_t.to(output)
+        excess = torch.addmm(-self.center.to(output), output.flatten(1), basis_t).sub_(self.cap.to(output))
+        return output - (excess.clamp_min_(0) @ basis_t.T).view_as(output)
+
+
+class GateRepair(LayerRepair):
+    """The shift for inputs whose projection score exceeds the clean threshold; the others unchanged."""
+
+    mode = "gate"
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        flagged = (self.score(output) > self.threshold.to(output)).to(output.dtype)
+        return torch.addcmul(output, flagged.view(-1, *([1] * (output.ndim - 1))), self.offset.to(output), value=-1)
+
+
+REPAIRS: dict[str, type[LayerRepair]] = {cls.mode: cls for cls in (ShiftRepair, ProjectRepair, GateRepair)}
+"""The repair module of each mode."""
+
+
+def build_repair(mode: str, stats: LayerStatistics, alpha: float, fpr: float, layers: int) -> LayerRepair:
+    """A repair of ``mode`` filled from ``stats``, on their device, in the layer's dtype.
+
+    Args:
+        mode: A key of :data:`REPAIRS`.
+        stats: The layer's fitted statistics.
+        alpha: Step along ``beta``.
+        fpr: Clean false-positive rate behind the caps and thresholds.
+        layers: How many layers are repaired together (the gate's quantile is ``1 - fpr / layers``).
+    """
+    direction = stats.direction
+    repair = REPAIRS[mode](stats.shape, stats.unit_basis().shape[0], stats.dtype, direction.device)
+    return repair.refresh(stats, alpha, fpr, layers)
+
+
+def repair_hook(
+    layer: str,
+    repair: LayerRepair,
+    scores: dict[str, torch.Tensor] | None = None,
+    active: Callable[[], bool] | None = None,
+) -> HookFn:
+    """A forward hook at ``layer`` that returns ``repair(output)``.
+
+    Args:
+        scores: If given, ``scores[layer]`` is set to the projection score of each pass.
+        active: If given, the hook does nothing while ``active()`` is false.
+    """
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
+        if active is not None and not active():
+            return None
+        output = tensor_output(layer, output)
+        if scores is not None:
+            scores[layer] = repair.score(output)
+        return repair(output)
+
+    return hook

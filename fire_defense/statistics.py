@@ -1,0 +1,117 @@
+"""What FIRE learns at one layer: running sums of the activations, and the clean ones kept for calibration.
+
+:class:`LayerStatistics` is the estimator's state at a layer. It knows nothing of repairs or
+hooks: :mod:`fire_defense.repair` turns it into a repair module, :mod:`fire_defense.selection`
+scores it as a candidate layer. Sums are float64, so streaming one input at a time equals a batch
+fit up to floating point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from fire_defense.errors import NotFittedError
+
+__all__ = ["LayerStatistics"]
+
+
+class LayerStatistics:
+    """Running sums per stream (``clean``, ``clean_views``, ``poisoned``) at one layer.
+
+    Args:
+        shape: The layer's output shape without the batch dimension.
+        dtype: The dtype of the layer's output (the repair is built in it).
+        keep_poisoned: Also keep every poisoned activation (to choose a layer or decompose).
+    """
+
+    def __init__(self, shape: torch.Size, dtype: torch.dtype, keep_poisoned: bool = False) -> None:
+        self.shape = shape
+        self.dtype = dtype
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, int] = {}
+        self.calibration: list[torch.Tensor] = []
+        self.poisoned: list[torch.Tensor] | None = [] if keep_poisoned else None
+        self.basis: torch.Tensor | None = None  # (r, d) principal directions, set by a rank > 1 fit
+
+    def add(self, stream: str, activations: torch.Tensor) -> None:
+        """Add a batch ``(N, *shape)`` of ``stream``'s activations."""
+        flat = activations.flatten(1)
+        total = flat.sum(0, dtype=torch.float64)
+        self.sums[stream] = self.sums[stream] + total if stream in self.sums else total
+        self.counts[stream] = self.counts.get(stream, 0) + len(flat)
+        if stream == "clean":
+            self.calibration.append(flat.float())
+        elif stream == "poisoned" and self.poisoned is not None:
+            self.poisoned.append(flat.float())
+
+    def mean(self, stream: str) -> torch.Tensor:
+        """Flat float64 mean activation of ``stream``."""
+        if not self.counts.get(stream):
+            raise NotFittedError(f"no {stream} samples seen yet at this layer; fit or partial_fit with some first.")
+        return self.sums[stream] / self.counts[stream]
+
+    @property
+    def direction(self) -> torch.Tensor:
+        """Flat ``beta``: mean poisoned minus mean clean activation (of augmented views, if any)."""
+        clean = "clean_views" if "clean_views" in self.counts else "clean"
+        return self.mean("poisoned") - self.mean(clean)
+
+    def clean_activations(self) -> torch.Tensor:
+        """``(N, d)`` float32: the clean reference's activations, kept to calibrate thresholds."""
+        return torch.cat(self.calibration)
+
+    def poisoned_activations(self) -> torch.Tensor:
+        """``(k, d)`` float32: the poisoned activations (only with ``keep_poisoned``)."""
+        if not self.poisoned:
+            raise NotFittedError("poisoned activations were not kept at this layer (keep_poisoned=False).")
+        return torch.cat(self.poisoned)
+
+    def unit_basis(self) -> torch.Tensor:
+        """Orthonormal rows ``(r, d)``, float64: the principal directions (rank > 1), else ``beta`` normalised."""
+        if self.basis is not None:
+            return self.basis
+        beta = self.direction
+        return (beta / beta.norm().clamp_min(1e-12))[None]
+
+    def decompose(self, rank: int) -> None:
+        """Set :attr:`basis` to the top ``rank`` principal directions of the paired differences (poisoned - clean)."""
+        differences = (self.poisoned_activations() - self.clean_activations()).double()
+        basis = torch.linalg.svd(differences, full_matrices=False).Vh[:rank]
+        signs = torch.sign(basis @ differences.mean(0)).clamp_min(0) * 2 - 1
+        self.basis = basis * signs[:, None]  # oriented along the mean difference
+
+    def separation(self) -> float:
+        """d' of the projections of clean and poisoned activations on ``beta``."""
+        basis = self.unit_basis()[0].float()
+        clean = self.clean_activations() @ basis
+        poisoned = self.poisoned_activations() @ basis
+        pooled = ((clean.var(unbiased=False) + poisoned.var(unbiased=False)) / 2).sqrt()
+        return float((poisoned.mean() - clean.mean()) / pooled.clamp_min(1e-12))
+
+    def forget_poisoned(self) -> None:
+        """Drop the per-sample poisoned store (it was only needed to choose a layer and decompose)."""
+        self.poisoned = None
+
+    def state(self) -> dict[str, Any]:
+        """Tensors and plain values only (they load with ``torch.load(weights_only=True)``)."""
+        state: dict[str, Any] = {"shape": list(self.shape), "counts": dict(self.counts)}
+        state["sums"] = {k: v.cpu() for k, v in self.sums.items()}
+        state["calibration"] = self.clean_activations().cpu() if self.calibration else torch.empty(0)
+        if self.basis is not None:
+            state["basis"] = self.basis.cpu()
+        return state
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> LayerStatistics:
+        """The statistics :meth:`state` returned, on ``device``."""
+        stats = cls(torch.Size(state["shape"]), dtype)
+        stats.counts = {k: int(v) for k, v in state["counts"].items()}
+        stats.sums = {k: v.to(device, torch.float64) for k, v in state["sums"].items()}
+        if len(state["calibration"]):
+            stats.calibration = [state["calibration"].to(device)]
+        if "basis" in state:
+            stats.basis = state["basis"].to(device, torch.float64)
+        return stats
