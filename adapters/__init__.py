@@ -9,12 +9,12 @@ from fire_adapters.datasets import (
     DATASETS,
     DatasetNotFoundError,
     DatasetSpec,
-    ImageSet,
     find_dataset,
     get_dataset_spec,
     list_datasets,
     load_dataset,
 )
+from fire_adapters.images import ImageSet
 from fire_adapters.models import MODELS, create_model, list_models, load_model_state
 from fire_adapters.preprocess import InputNormalization, model_input_channels, to_tensor, with_normalization
 from fire_adapters.records import RECORD_FILE, Record, RecordError, load_record, save_record

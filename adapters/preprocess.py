@@ -21,8 +21,10 @@ from fire_defense import FireDefenseError
 __all__ = ["InputNormalization", "model_input_channels", "to_tensor", "to_uint8", "with_normalization"]
 
 
-def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
-    """uint8 ``(N, H, W, C)`` images as float32 ``(N, C, H, W)`` in ``[0, 1]`` (torchvision's ``ToTensor``).
+def to_tensor(
+    images: np.ndarray | torch.Tensor, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """uint8 ``(N, H, W, C)`` images as float ``(N, C, H, W)`` in ``[0, 1]`` (torchvision's ``ToTensor``).
 
     The result keeps the ``(N, H, W, C)`` memory order, i.e. it is ``channels_last``.
     """
@@ -30,7 +32,7 @@ def to_tensor(images: np.ndarray | torch.Tensor, device: torch.device | str | No
         raise FireDefenseError(f"expected uint8 images (N, H, W, C), got {images.dtype} {tuple(images.shape)}.")
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(np.ascontiguousarray(images))
-    return images.to(device).permute(0, 3, 1, 2).float().div_(255.0)
+    return images.to(device).permute(0, 3, 1, 2).to(dtype).div_(255.0)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:

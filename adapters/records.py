@@ -28,7 +28,8 @@ import torch
 from PIL import Image
 from torch import nn
 
-from fire_adapters.datasets import DatasetSpec, ImageSet, find_dataset, get_dataset_spec, load_dataset, read_image
+from fire_adapters.datasets import DatasetSpec, find_dataset, get_dataset_spec, load_dataset, read_image
+from fire_adapters.images import ImageSet
 from fire_adapters.models import MODELS, TIMM_PREFIX, create_model, load_model_state
 from fire_adapters.preprocess import with_normalization
 from fire_adapters.safe_load import safe_torch_load

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fire_adapters.attacks.base import Attack
-from fire_adapters.datasets import ImageSet
+from fire_adapters.images import ImageSet
 from fire_adapters.preprocess import to_tensor, with_normalization
 from fire_defense import FireDefenseError, resolve_device
 from fire_defense.metrics import backdoor_metrics, predict

@@ -3,18 +3,20 @@
 Modelled on timm's model registry: entries are stored under a unique name by a
 decorator, looked up with ``get`` (an unknown name raises and lists the closest
 valid names), and listed sorted, optionally filtered by a shell-style pattern.
+:func:`keyword_parameters` reads the hyperparameters of a registered class from its constructors.
 """
 
 from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Generic, TypeVar
 
 from fire_defense.errors import UnknownNameError
 
-__all__ = ["Registry", "drop_none"]
+__all__ = ["Registry", "drop_none", "keyword_parameters"]
 
 T = TypeVar("T")
 
@@ -79,3 +81,19 @@ class Registry(Generic[T]):
 def drop_none(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """The keyword arguments that were actually set, so unset CLI options never override an entry's defaults."""
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def keyword_parameters(cls: type) -> list[str]:
+    """The keyword-only arguments of ``cls``'s constructors, a subclass's before its bases', each once.
+
+    Registered classes take their hyperparameters as keyword-only arguments stored under the same
+    names (scikit-learn's convention), so these names rebuild an instance.
+    """
+    names = [
+        parameter.name
+        for klass in cls.__mro__
+        if "__init__" in vars(klass)
+        for parameter in inspect.signature(klass.__init__).parameters.values()
+        if parameter.kind is parameter.KEYWORD_ONLY
+    ]
+    return list(dict.fromkeys(names))

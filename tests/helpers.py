@@ -255,3 +255,31 @@ def tiny_backdoored_model(
     reference, _ = shapes(n_reference, generator)
     seen, _ = shapes(10, generator)
     return TinyBackdoor(model, reference, patch(seen), test_x, test_y, patch(test_x[keep]), test_y[keep])
+
+
+def interrupt_image_writes(monkeypatch: pytest.MonkeyPatch, after: int = 2) -> None:
+    """Make Pillow's ``Image.save`` raise ``KeyboardInterrupt`` after ``after`` images: a build cut off mid-write."""
+    original_save = Image.Image.save
+    written = []
+
+    def save(image: Image.Image, *args, **kwargs) -> None:
+        if len(written) == after:
+            raise KeyboardInterrupt
+        written.append(1)
+        return original_save(image, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save)
+
+
+def write_backdoored_record(root: Path, n_train: int = 600, n_test: int = 300, epochs: int = 6) -> Path:
+    """A BackdoorBench-layout root (``data/fashionmnist`` + ``record/<name>``) whose model learned a BadNets
+    backdoor (ASR ~97% in ~5 s on a CPU; the clean images are noise, so its clean accuracy is chance).
+    Returns the record folder."""
+    from fire_adapters.factory import RecordRecipe, make_record
+    from fire_adapters.training import TrainConfig
+
+    write_idx_dataset(root / "data" / "fashionmnist", n_train=n_train, n_test=n_test, seed=0)
+    recipe = RecordRecipe(
+        "fashionmnist", "badnet", model="preactresnet18_w8", train=TrainConfig(epochs=epochs, batch_size=32, lr=0.05)
+    )
+    return make_record(recipe, root / "record", data_root=root / "data", progress=False).path

@@ -1,4 +1,7 @@
-"""Each attack's defining property, on small arrays; the shared label and sample-selection rules."""
+"""Each attack's defining property, on small arrays; the shared label and sample-selection rules.
+
+The shared checks run for every registered attack on every registered dataset's image size.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fire_adapters import ImageSet
+from fire_adapters import ImageSet, get_dataset_spec, list_datasets
 from fire_adapters.attacks import ATTACKS, InputAware, WaNet, create_attack, list_attacks
 from fire_defense import FireDefenseError
 
@@ -16,14 +19,10 @@ GREY = random_images(6, 28, 28, 1, seed=1)
 COLOUR = random_images(6, 32, 32, 3, seed=2)
 
 
-def images_for(dataset: str) -> np.ndarray:
-    return GREY if dataset == "fashionmnist" else COLOUR
-
-
-@pytest.mark.parametrize("dataset", ["fashionmnist", "cifar10"])
+@pytest.mark.parametrize("dataset", list_datasets())
 @pytest.mark.parametrize("name", list_attacks())
 def test_every_attack_keeps_shape_and_dtype_and_is_deterministic(name, dataset):
-    images = images_for(dataset)
+    images = random_images(6, *get_dataset_spec(dataset).img_size, seed=1)
     first = create_attack(name, dataset, seed=3)(images)
     second = create_attack(name, dataset, seed=3)(images)
     assert first.dtype == np.uint8 and first.shape == images.shape
@@ -44,6 +43,22 @@ def test_params_rebuild_the_attack(name):
 def test_wrong_images_are_refused_in_one_line(name):
     with pytest.raises(FireDefenseError, match=r"expects uint8 cifar10 images \(N, 32, 32, 3\)"):
         create_attack(name, "cifar10")(GREY)
+
+
+@pytest.mark.parametrize("name", list_attacks())
+def test_every_attack_poisons_its_chosen_samples_towards_the_attackers_labels(name):
+    attack = create_attack(name, "cifar10", target=2, ratio=0.1, seed=4)
+    labels = np.repeat(np.arange(10), 3)
+    split = ImageSet(random_images(30, 32, 32, 3, seed=5), labels)
+    positions = attack.train_positions(labels)
+    assert len(positions) == 3 and (not attack.clean_label or (labels[positions] == 2).all())
+    poisoned = attack.poison(split, positions)
+    np.testing.assert_array_equal(poisoned.indices, positions)
+    np.testing.assert_array_equal(poisoned.labels, labels[positions])  # the true labels stay
+    np.testing.assert_array_equal(poisoned.targets, attack.target_labels(labels[positions]))
+    np.testing.assert_array_equal(poisoned.images, attack(split.images[positions]))
+    tested = attack.test_positions(labels)
+    assert len(tested) == 27 and (attack.target_labels(labels[tested]) != labels[tested]).all()
 
 
 def test_badnet_touches_only_its_3x3_corner():

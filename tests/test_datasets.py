@@ -1,10 +1,14 @@
-"""Dataset specs and loaders: each on-disk layout, the search order, and clear failures."""
+"""Dataset specs and loaders: each on-disk layout, the search order, and clear failures.
+
+The shared checks run for every registered dataset, on small synthetic files in its layout.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import os
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,12 +16,14 @@ from PIL import Image
 
 from fire_adapters import (
     DatasetNotFoundError,
+    DatasetSpec,
     UnsafeFileError,
     find_dataset,
     get_dataset_spec,
     list_datasets,
     load_dataset,
 )
+from fire_adapters.datasets import CifarPickleLayout, GtsrbLayout, IdxLayout, TinyImageNetLayout
 from fire_defense import FireDefenseError, UnknownNameError
 
 from helpers import (
@@ -48,6 +54,48 @@ def test_specs_match_backdoorbench(name):
     assert (spec.img_size, spec.num_classes, spec.mean, spec.std) == (img_size, classes, mean, std)
     assert spec.random_crop_padding == 4
     assert spec.horizontal_flip == (name == "cifar10")
+
+
+def write_small_copy(spec: DatasetSpec, root: Path) -> dict[str, np.ndarray]:
+    """Synthetic files of ``spec`` in its first layout under ``root/<name>``; the labels written, per split, in
+    BackdoorBench's order. One writer per layout (tests/helpers.py): a dataset in a known layout needs none."""
+    layout, folder = spec.layouts[0], root / spec.name
+    if isinstance(layout, IdxLayout):
+        written = write_idx_dataset(folder / layout.subdirs[0], num_classes=spec.num_classes)
+    elif isinstance(layout, CifarPickleLayout):
+        written = write_cifar_dataset(folder, hundred=layout.folder == "cifar-100-python")
+    elif isinstance(layout, GtsrbLayout):
+        written = write_gtsrb_dataset(folder)
+    elif isinstance(layout, TinyImageNetLayout):
+        facts = write_tiny_dataset(folder, reorganised_val=True)
+        val = sorted((facts["wnids"].index(wnid), file) for file, wnid in facts["val"])  # ImageFolder's order
+        return {"train": np.arange(len(facts["wnids"])), "test": np.array([label for label, _ in val])}
+    else:
+        pytest.fail(f"no synthetic writer for {type(layout).__name__}; add one to tests/helpers.py")
+    return {split: np.asarray(labels) for split, (_, labels) in written.items()}
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_every_dataset_loads_from_small_files_in_its_layout(tmp_path, name):
+    spec = get_dataset_spec(name)
+    assert spec.name == name and len(spec.mean) == len(spec.std) == spec.channels and spec.how_to_get
+    written = write_small_copy(spec, tmp_path)
+    assert find_dataset(name, root=tmp_path)[1] is spec.layouts[0]
+    for split, labels in written.items():
+        loaded = load_dataset(name, split, root=tmp_path)
+        assert loaded.images.dtype == np.uint8 and loaded.images.shape == (len(labels), *spec.img_size)
+        assert loaded.images.flags.writeable and loaded.labels.dtype == np.int64
+        np.testing.assert_array_equal(loaded.labels, labels)
+        np.testing.assert_array_equal(loaded.indices, np.arange(len(labels)))
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_every_missing_dataset_is_one_line_with_its_fix(tmp_path, name):
+    spec = dataclasses.replace(get_dataset_spec(name), system_dirs=())
+    with pytest.raises(DatasetNotFoundError) as error:
+        load_dataset(spec, "test", root=tmp_path / "empty")
+    assert "\n" not in str(error.value) and spec.how_to_get in str(error.value)
+    assert str(tmp_path / "empty" / name) in str(error.value)
 
 
 def test_registry_lists_every_dataset_and_rejects_unknown_names():

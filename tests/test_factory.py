@@ -7,7 +7,6 @@ import csv
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from fire_adapters import factory as factory_module
 from fire_adapters import load_record
@@ -16,7 +15,7 @@ from fire_adapters.factory import RecordRecipe, load_attack, make_record, summar
 from fire_adapters.training import TrainConfig, augment
 from fire_defense import FireDefenseError
 
-from helpers import write_idx_dataset
+from helpers import interrupt_image_writes, write_idx_dataset
 
 TINY = TrainConfig(epochs=1, batch_size=32, lr=0.05)
 
@@ -74,16 +73,7 @@ def test_a_recipe_cannot_set_what_it_sets_itself():
 
 
 def test_an_interrupted_build_leaves_no_record(data, tmp_path, monkeypatch):
-    original_save = Image.Image.save
-    written = []
-
-    def crash_after_two(image, *args, **kw):  # the build is interrupted while it writes the poisoned images
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(1)
-        return original_save(image, *args, **kw)
-
-    monkeypatch.setattr(Image.Image, "save", crash_after_two)
+    interrupt_image_writes(monkeypatch)  # while it writes the poisoned images
     with pytest.raises(KeyboardInterrupt):
         make_record(recipe(), tmp_path / "records", data_root=data, progress=False)
     assert list((tmp_path / "records").iterdir()) == []

@@ -26,7 +26,7 @@ from fire_adapters import (
 )
 from fire_defense import FireDefenseError, UnknownNameError
 
-from helpers import write_idx_dataset
+from helpers import interrupt_image_writes, write_idx_dataset
 
 TARGET = 0
 
@@ -175,17 +175,7 @@ def _small_record(bench) -> dict:
 def test_save_is_atomic_and_never_overwrites_silently(bench, tmp_path, monkeypatch):
     target = tmp_path / "record" / "crashed"
     kwargs = _small_record(bench)
-
-    original_save = Image.Image.save
-    written = []
-
-    def crash_after_two(image, *args, **kw):  # the build is interrupted while it writes the poisoned images
-        if len(written) == 2:
-            raise KeyboardInterrupt
-        written.append(1)
-        return original_save(image, *args, **kw)
-
-    monkeypatch.setattr(Image.Image, "save", crash_after_two)
+    interrupt_image_writes(monkeypatch)  # while it writes the poisoned images
     with pytest.raises(KeyboardInterrupt):
         save_record(target, **kwargs)
     assert not target.exists() and list(target.parent.iterdir()) == []  # no half-written record, no leftovers
@@ -217,24 +207,23 @@ def test_missing_record_folder(tmp_path):
         load_record(tmp_path / "nothing")
 
 
-def test_unknown_model_name(record_copy):
-    _rewrite(record_copy, model_name="preactresnet99")
-    with pytest.raises(UnknownNameError, match="unknown model 'preactresnet99'"):
-        load_record(record_copy)
-
-
-def test_weights_of_another_model(record_copy):
-    _rewrite(record_copy, model_name="resnet18")
-    with pytest.raises(
-        FireDefenseError,
-        match=r"does not fit the model.*missing: bn1\.weight.*shape.*conv1\.weight.*check its model_name",
-    ):
-        load_record(record_copy)
-
-
-def test_wrong_num_classes(record_copy):
-    _rewrite(record_copy, num_classes=43)
-    with pytest.raises(RecordError, match="num_classes 43 but fashionmnist has 10"):
+@pytest.mark.parametrize(
+    ("change", "error", "message"),
+    [
+        ({"model_name": "preactresnet99"}, UnknownNameError, "unknown model 'preactresnet99'"),
+        (
+            {"model_name": "resnet18"},
+            FireDefenseError,
+            r"does not fit the model.*missing: bn1\.weight.*shape.*conv1\.weight.*check its model_name",
+        ),
+        ({"num_classes": 43}, RecordError, "num_classes 43 but fashionmnist has 10"),
+        ({"img_size": [32, 32, 3]}, RecordError, r"img_size \[32, 32, 3\] but fashionmnist is \[28, 28, 1\]"),
+    ],
+    ids=["unknown-model", "another-model", "num-classes", "img-size"],
+)
+def test_a_field_that_disagrees_is_named(record_copy, change, error, message):
+    _rewrite(record_copy, **change)
+    with pytest.raises(error, match=message):
         load_record(record_copy)
 
 
@@ -246,42 +235,33 @@ def test_weights_with_another_num_classes(record_copy):
         load_record(record_copy)
 
 
-def test_missing_png(record_copy):
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda png: png.unlink(), "{name} is missing"),
+        (lambda png: png.write_bytes(b"\x89PNG garbage"), "{name} is corrupt"),
+        (lambda png: Image.new("RGB", (32, 32)).save(png), "is 32x32x3 uint8 but fashionmnist images are 28x28x1"),
+    ],
+    ids=["missing", "corrupt", "another-size"],
+)
+def test_a_damaged_png_is_named(record_copy, damage, message):
     victim = next((record_copy / "bd_test_dataset").rglob("*.png"))
-    victim.unlink()
-    with pytest.raises(RecordError, match=f"{victim.name} is missing"):
+    damage(victim)
+    with pytest.raises(RecordError, match=message.format(name=victim.name)):
         load_record(record_copy)
 
 
-def test_corrupt_png(record_copy):
-    victim = next((record_copy / "bd_test_dataset").rglob("*.png"))
-    victim.write_bytes(b"\x89PNG garbage")
-    with pytest.raises(RecordError, match=f"{victim.name} is corrupt"):
-        load_record(record_copy)
-
-
-def test_png_of_another_size(record_copy):
-    victim = next((record_copy / "bd_test_dataset").rglob("*.png"))
-    Image.new("RGB", (32, 32)).save(victim)
-    with pytest.raises(RecordError, match="is 32x32x3 uint8 but fashionmnist images are 28x28x1"):
-        load_record(record_copy)
-
-
-def test_record_made_on_another_dataset_size(record_copy):
-    write_idx_dataset(record_copy.parent.parent / "data" / "fashionmnist", n_train=60, n_test=30, seed=11)
-    with pytest.raises(RecordError, match="covers 40 samples but the fashionmnist test split found has 30"):
-        load_record(record_copy)
-
-
-def test_record_with_another_img_size(record_copy):
-    _rewrite(record_copy, img_size=[32, 32, 3])
-    with pytest.raises(RecordError, match=r"img_size \[32, 32, 3\] but fashionmnist is \[28, 28, 1\]"):
-        load_record(record_copy)
-
-
-def test_labels_that_disagree_with_the_dataset(record_copy):
-    write_idx_dataset(record_copy.parent.parent / "data" / "fashionmnist", n_train=60, n_test=40, seed=99)
-    with pytest.raises(RecordError, match="original labels that differ"):
+@pytest.mark.parametrize(
+    ("n_test", "seed", "message"),
+    [
+        (30, 11, "covers 40 samples but the fashionmnist test split found has 30"),  # another size
+        (40, 99, "original labels that differ"),  # other labels
+    ],
+    ids=["size", "labels"],
+)
+def test_a_dataset_that_disagrees_with_the_record_is_refused(record_copy, n_test, seed, message):
+    write_idx_dataset(record_copy.parent.parent / "data" / "fashionmnist", n_train=60, n_test=n_test, seed=seed)
+    with pytest.raises(RecordError, match=message):
         load_record(record_copy)
 
 

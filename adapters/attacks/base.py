@@ -13,15 +13,16 @@ convention), so :meth:`Attack.params` rebuilds the attack; learned or random tri
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-from fire_adapters.datasets import DatasetSpec, ImageSet, get_dataset_spec
+from fire_adapters.datasets import DatasetSpec, get_dataset_spec
+from fire_adapters.images import ImageSet
 from fire_defense import FireDefenseError, Registry, drop_none
+from fire_defense.registry import keyword_parameters
 
 __all__ = [
     "ATTACKS",
@@ -163,20 +164,9 @@ class Attack:
 
     # --- persistence -------------------------------------------------------------------------------------------
 
-    @classmethod
-    def param_names(cls) -> list[str]:
-        """The keyword arguments the attack takes: its own, then the common ones of :class:`Attack`."""
-        names: dict[str, None] = {}
-        for klass in cls.__mro__:
-            if "__init__" in vars(klass) and issubclass(klass, Attack):
-                for name, parameter in inspect.signature(klass.__init__).parameters.items():
-                    if parameter.kind is parameter.KEYWORD_ONLY:
-                        names[name] = None
-        return list(names)
-
     def params(self) -> dict[str, Any]:
         """The constructor arguments that rebuild this attack (the dataset by name)."""
-        return {"dataset": self.dataset.name, **{name: getattr(self, name) for name in self.param_names()}}
+        return {"dataset": self.dataset.name, **{name: getattr(self, name) for name in keyword_parameters(type(self))}}
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """Trigger state that :meth:`params` alone does not rebuild (learned weights); empty by default."""
@@ -212,7 +202,7 @@ def create_attack(name: str, dataset: str | DatasetSpec, **kwargs: Any) -> Attac
         FireDefenseError: a keyword the attack does not take; the message lists those it does.
     """
     cls = ATTACKS.get(name)
-    accepted = cls.param_names()
+    accepted = keyword_parameters(cls)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise FireDefenseError(f"attack {name!r} takes no {', '.join(unknown)}; its parameters: {', '.join(accepted)}.")

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from fire_adapters.attacks.base import Attack, register_attack
 from fire_adapters.datasets import DatasetSpec
+from fire_adapters.preprocess import to_uint8
 from fire_defense import FireDefenseError
 
 __all__ = ["Blended"]
@@ -54,7 +55,7 @@ class Blended(Attack):
         smooth = F.interpolate(coarse, size=(height, width), mode="bicubic", align_corners=True)[0]
         low, high = smooth.amin(dim=(1, 2), keepdim=True), smooth.amax(dim=(1, 2), keepdim=True)
         smooth = (smooth - low) / (high - low)
-        return (smooth.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return to_uint8(smooth[None])[0]
 
     def apply(self, images: np.ndarray) -> np.ndarray:
         blended = (1 - self.alpha) * images.astype(np.float32) + self.alpha * self.pattern.astype(np.float32)

@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fire_adapters.attacks.base import Attack, partners, pick, register_attack
-from fire_adapters.datasets import DatasetSpec, ImageSet
+from fire_adapters.datasets import DatasetSpec
+from fire_adapters.images import ImageSet
 from fire_adapters.preprocess import to_tensor, to_uint8
 from fire_defense import FireDefenseError
 

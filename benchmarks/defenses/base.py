@@ -22,7 +22,6 @@ imported in ``fire_bench.defenses``.
 
 from __future__ import annotations
 
-import inspect
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any, ClassVar, NamedTuple
@@ -33,6 +32,7 @@ from torch import nn
 from fire_defense import FireDefenseError, NotFittedError, Registry, candidate_layers, drop_none, resolve_layers
 from fire_defense.device import module_device
 from fire_defense.metrics import REJECTED
+from fire_defense.registry import keyword_parameters
 
 __all__ = [
     "DEFENSES",
@@ -159,14 +159,7 @@ class RuntimeDefense(ABC):
 
     def params(self) -> dict[str, Any]:
         """The hyperparameters (constructor arguments), as stored."""
-        names = [
-            p.name
-            for cls in type(self).__mro__
-            if "__init__" in vars(cls)
-            for p in list(inspect.signature(cls.__init__).parameters.values())[1:]
-            if p.kind is p.KEYWORD_ONLY
-        ]
-        return {name: getattr(self, name) for name in dict.fromkeys(names)}
+        return {name: getattr(self, name) for name in keyword_parameters(type(self))}
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
@@ -179,6 +172,20 @@ class RuntimeDefense(ABC):
         if len(x) <= self.pass_batch:
             return model(x)
         return torch.cat([model(part) for part in x.split(self.pass_batch)])
+
+    def _check_images(self, x: torch.Tensor, like: torch.Tensor | None = None, min_size: int = 1) -> None:
+        """Refuse anything but ``[0, 1]`` images ``(N, C, H, W)``: of ``like``'s image shape, ``min_size`` a side.
+
+        For a defense whose statistics assume unnormalised pixels (the detectors).
+        """
+        if x.ndim != 4 or min(x.shape[-2:]) < min_size or (like is not None and x.shape[1:] != like.shape[1:]):
+            shape = "(N, C, H, W)" if like is None else f"(N, {', '.join(map(str, like.shape[1:]))}) as the reference"
+            size = f" of at least {min_size} pixels a side" if min_size > 1 else ""
+            raise FireDefenseError(f"{self.name}: inputs must be {shape} images{size}, got shape {tuple(x.shape)}.")
+        if len(x) and (x.min() < 0 or x.max() > 1):
+            raise FireDefenseError(
+                f"{self.name}: inputs must be [0, 1] images; normalisation belongs inside the model."
+            )
 
     def _layer(self, layer: str) -> str:
         """The dotted name of ``layer`` in the model; ``'last'`` is its last stage output."""

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fire_adapters.preprocess import to_tensor, to_uint8
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
 from fire_defense import FireDefenseError
 from fire_defense.layers import HookHandles
@@ -82,7 +83,7 @@ class Februus(RuntimeDefense):
         """``x`` with its high-heat region removed and inpainted."""
         heat, _ = self.heatmap(x)
         masks = (heat > self.cam_threshold).cpu().numpy().astype(np.uint8)
-        images = (x.detach() * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = to_uint8(x)
         restored = np.stack(
             [
                 cv2.inpaint(np.ascontiguousarray(image), mask, self.inpaint_radius, cv2.INPAINT_TELEA).reshape(
@@ -91,7 +92,7 @@ class Februus(RuntimeDefense):
                 for image, mask in zip(images, masks, strict=True)
             ]
         )
-        return torch.from_numpy(restored).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
+        return to_tensor(restored, x.device, x.dtype)
 
     def _decide(self, x: torch.Tensor) -> Decision:
         return Decision(self._logits(self.purify(x)).argmax(1), None)

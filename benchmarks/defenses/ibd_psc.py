@@ -33,13 +33,6 @@ from fire_defense import FireDefenseError
 __all__ = ["IbdPsc"]
 
 
-def _check_images(x: torch.Tensor) -> None:
-    if x.ndim != 4:
-        raise FireDefenseError(f"ibd-psc: inputs must be (N, C, H, W) images, got shape {tuple(x.shape)}.")
-    if len(x) and (x.min() < 0 or x.max() > 1):
-        raise FireDefenseError("ibd-psc: inputs must be [0, 1] images; normalisation belongs inside the model.")
-
-
 def _batchnorms(model: nn.Module) -> list[nn.BatchNorm2d]:
     """The model's affine BatchNorm2d layers, the one nearest the head first."""
     return [m for m in model.modules() if isinstance(m, nn.BatchNorm2d) and m.affine][::-1]
@@ -81,7 +74,7 @@ class IbdPsc(RuntimeDefense):
                 "ibd-psc: the model has no BatchNorm2d layer with affine parameters to amplify; "
                 "IBD-PSC cannot run on it."
             )
-        _check_images(clean)
+        self._check_images(clean)
         scaled = copy.deepcopy(self.model_)
         layers = _batchnorms(scaled)
         members: list[nn.Module] = []
@@ -113,6 +106,6 @@ class IbdPsc(RuntimeDefense):
         return labels, confidence / len(self.scaled_models_)
 
     def _decide(self, x: torch.Tensor) -> Decision:
-        _check_images(x)
+        self._check_images(x)
         labels, psc = self.psc(x)
         return self._reject_above(labels, psc, self.threshold_)

@@ -29,13 +29,6 @@ from fire_defense import FireDefenseError
 __all__ = ["ScaleUp"]
 
 
-def _check_images(x: torch.Tensor) -> None:
-    if x.ndim != 4:
-        raise FireDefenseError(f"scale-up: inputs must be (N, C, H, W) images, got shape {tuple(x.shape)}.")
-    if len(x) and (x.min() < 0 or x.max() > 1):
-        raise FireDefenseError("scale-up: inputs must be [0, 1] images; normalisation belongs inside the model.")
-
-
 @register_defense
 class ScaleUp(RuntimeDefense):
     """SCALE-UP: (normalised) scaled prediction consistency; consistent inputs are rejected.
@@ -77,7 +70,7 @@ class ScaleUp(RuntimeDefense):
     def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:
         if not self.scales or min(self.scales) <= 0 or not 0 < self.fpr < 1:
             raise FireDefenseError("scale-up: scales must be a non-empty list of positive factors and fpr in (0, 1).")
-        _check_images(clean)
+        self._check_images(clean)
         with torch.inference_mode():
             classes = self._logits(clean[:1]).shape[1]
             parts = [self.spc(batch) for batch in clean.split(self.batch_size)]
@@ -92,6 +85,6 @@ class ScaleUp(RuntimeDefense):
         self.threshold_ = float(self._scores(labels, spc).quantile(1 - self.fpr, interpolation="higher"))
 
     def _decide(self, x: torch.Tensor) -> Decision:
-        _check_images(x)
+        self._check_images(x)
         labels, spc = self.spc(x)
         return self._reject_above(labels, self._scores(labels, spc), self.threshold_)

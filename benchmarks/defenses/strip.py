@@ -30,14 +30,6 @@ __all__ = ["Strip"]
 _CHUNK = 1024  # blended copies made at once (memory); the model sees pass_batch of them per pass
 
 
-def _check_images(x: torch.Tensor, like: torch.Tensor | None = None) -> None:
-    if x.ndim != 4 or (like is not None and x.shape[1:] != like.shape[1:]):
-        expected = "(N, C, H, W)" if like is None else f"(N, {', '.join(map(str, like.shape[1:]))}) as the reference"
-        raise FireDefenseError(f"strip: inputs must be {expected}, got shape {tuple(x.shape)}.")
-    if len(x) and (x.min() < 0 or x.max() > 1):
-        raise FireDefenseError("strip: inputs must be [0, 1] images; normalisation belongs inside the model.")
-
-
 @register_defense
 class Strip(RuntimeDefense):
     """STRIP: mean per-blend softmax entropy over ``n_copies`` blends; low entropy is rejected.
@@ -73,7 +65,7 @@ class Strip(RuntimeDefense):
                 f"strip: {self.n_copies} donors per input need more than {self.n_copies} clean images, "
                 f"got {len(clean)}; pass more clean data or a smaller n_copies."
             )
-        _check_images(clean)
+        self._check_images(clean)
         self.donors_ = clean
         with torch.inference_mode():
             batches = zip(clean.split(self.batch_size), torch.arange(len(clean)).split(self.batch_size), strict=True)
@@ -105,6 +97,6 @@ class Strip(RuntimeDefense):
         return torch.cat(means)
 
     def _decide(self, x: torch.Tensor) -> Decision:
-        _check_images(x, like=self.donors_)
+        self._check_images(x, like=self.donors_)
         labels = self._logits(x).argmax(1)
         return self._reject_above(labels, -self.entropy(x), self.threshold_)

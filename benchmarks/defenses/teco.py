@@ -26,16 +26,14 @@ by default, STRIP's FRR): the ``1 - fpr`` quantile of the clean scores.
 
 from __future__ import annotations
 
-import io
 import math
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
+from fire_bench.defenses.transforms import jpeg_round_trip
 from fire_defense import FireDefenseError
 
 __all__ = ["CORRUPTIONS", "SEVERITIES", "TeCo", "corrupt"]
@@ -44,13 +42,6 @@ SEVERITIES = 5
 MIN_SIZE = 8  # the blur kernels' reflect padding needs a few pixels of image
 
 Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]
-
-
-def _check_images(x: torch.Tensor) -> None:
-    if x.ndim != 4 or min(x.shape[-2:]) < MIN_SIZE:
-        raise FireDefenseError(f"teco: inputs must be (N, C, H, W) images of at least {MIN_SIZE} pixels a side.")
-    if len(x) and (x.min() < 0 or x.max() > 1):
-        raise FireDefenseError("teco: inputs must be [0, 1] images; normalisation belongs inside the model.")
 
 
 # --- seeded random draws (on the CPU, from the defense's generator) -----------------------------------------------
@@ -276,13 +267,7 @@ def _pixelate(x: torch.Tensor, severity: int, generator: torch.Generator) -> tor
 
 def _jpeg_compression(x: torch.Tensor, severity: int, generator: torch.Generator) -> torch.Tensor:
     quality = (80, 65, 58, 50, 40)[severity - 1]  # Pillow's libjpeg, as ImageNet-C
-    images = (x * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    out = []
-    for image in images:
-        buffer = io.BytesIO()
-        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="JPEG", quality=quality)
-        out.append(torch.from_numpy(np.array(Image.open(buffer))).reshape(image.shape))
-    return torch.stack(out).permute(0, 3, 1, 2).to(x) / 255
+    return jpeg_round_trip(x, quality)
 
 
 CORRUPTIONS: dict[str, Corruption] = {
@@ -364,12 +349,12 @@ class TeCo(RuntimeDefense):
                 f"teco: corruptions must be two or more of {', '.join(CORRUPTIONS)} "
                 f"(unknown: {', '.join(unknown) or 'none'}) and fpr in (0, 1)."
             )
-        _check_images(clean)
+        self._check_images(clean, min_size=MIN_SIZE)
         with torch.inference_mode():
             scores = torch.cat([self._scores(batch)[1] for batch in clean.split(self.batch_size)])
         self.threshold_ = float(scores.quantile(1 - self.fpr, interpolation="higher"))
 
     def _decide(self, x: torch.Tensor) -> Decision:
-        _check_images(x)
+        self._check_images(x, min_size=MIN_SIZE)
         labels, scores = self._scores(x)
         return self._reject_above(labels, scores, self.threshold_)

@@ -23,17 +23,28 @@ import torch.nn.functional as F
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from fire_adapters.preprocess import to_tensor, to_uint8
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
 from fire_defense import FireDefenseError
 
-__all__ = ["BitDepthReduction", "GaussianBlur", "InputTransformDefense", "JpegCompression", "MedianFilter"]
+__all__ = [
+    "BitDepthReduction",
+    "GaussianBlur",
+    "InputTransformDefense",
+    "JpegCompression",
+    "MedianFilter",
+    "jpeg_round_trip",
+]
 
 
-def _jpeg_round_trip(image: np.ndarray, quality: int) -> np.ndarray:
-    """A uint8 ``(H, W, C)`` image encoded as JPEG by Pillow (libjpeg) and decoded again."""
-    buffer = io.BytesIO()
-    Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="JPEG", quality=quality)
-    return np.asarray(Image.open(buffer)).reshape(image.shape)
+def jpeg_round_trip(x: torch.Tensor, quality: int) -> torch.Tensor:
+    """``[0, 1]`` images ``(N, C, H, W)`` rounded to uint8, JPEG-encoded at ``quality`` by Pillow and decoded."""
+    decoded = []
+    for image in to_uint8(x):
+        buffer = io.BytesIO()
+        Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(buffer, format="JPEG", quality=quality)
+        decoded.append(np.asarray(Image.open(buffer)).reshape(image.shape))
+    return to_tensor(np.stack(decoded), x.device, x.dtype)
 
 
 class InputTransformDefense(RuntimeDefense):
@@ -68,9 +79,7 @@ class JpegCompression(InputTransformDefense):
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if not 1 <= self.quality <= 100:
             raise FireDefenseError(f"jpeg: quality must be in 1..100, got {self.quality}.")
-        images = (x * 255).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        decoded = np.stack([_jpeg_round_trip(image, self.quality) for image in images])
-        return torch.from_numpy(decoded).permute(0, 3, 1, 2).to(x.device, x.dtype) / 255
+        return jpeg_round_trip(x, self.quality)
 
 
 @register_defense
