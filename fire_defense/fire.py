@@ -40,13 +40,15 @@ from torch import nn
 from fire_defense.device import module_device
 from fire_defense.errors import FireDefenseError, NotFittedError, first_line
 from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers
-from fire_defense.repair import REPAIRS, LayerRepair, build_repair, repair_hook
+from fire_defense.metrics import predict
+from fire_defense.repair import REPAIRS, LayerRepair, TargetCondition, build_repair, repair_hook
 from fire_defense.selection import SELECTIONS, choose_layer
 from fire_defense.statistics import LayerStatistics
 
 __all__ = ["FIRE", "MODES", "RepairedModel"]
 
 MODES = tuple(REPAIRS)
+CONDITIONS = (None, "target")
 Data = torch.Tensor | Iterable[torch.Tensor] | Iterable[Sequence[torch.Tensor]]
 Streams = Mapping[str, list[torch.Tensor]]
 
@@ -66,11 +68,18 @@ class FIRE:
             ``views`` augmented copies of every poisoned and clean input.
         views: Augmented copies per input.
         batch_size: Inputs per forward pass while fitting.
-        select: How ``layers='auto'`` chooses: ``'repair'`` or ``'separation'`` (module docstring).
+        select: How ``layers='auto'`` chooses: ``'repair'``, ``'separation'`` or ``'holdout'``
+            (:mod:`fire_defense.selection`).
+        condition: ``None`` (repair every input) or ``'target'``: repair only the inputs the
+            unrepaired model sends to a target inferred from the poisoned inputs seen
+            (:class:`~fire_defense.repair.TargetCondition`); those run a second, repaired pass.
+        target_share: With ``condition='target'``, the least share of the seen poisoned inputs
+            a class must be predicted for to count as a target.
 
     Fitted state: ``layers_`` (the repaired layers), ``stats_`` (their
     :class:`~fire_defense.statistics.LayerStatistics`), ``repairs_`` (their repair modules, refreshed
-    in place by :meth:`partial_fit`), ``paired_``, and with ``layers='auto'`` ``layer_scores_``.
+    in place by :meth:`partial_fit`), ``paired_``, with ``layers='auto'`` ``layer_scores_``, and
+    with ``condition='target'`` ``condition_`` (the inferred targets, updated by :meth:`partial_fit`).
 
     Example:
         >>> fire = FIRE(model, layers="layer3", mode="gate").fit(clean, poisoned=seen_poisoned)
@@ -91,6 +100,8 @@ class FIRE:
         views: int = 4,
         batch_size: int = 256,
         select: str = "repair",
+        condition: str | None = None,
+        target_share: float = 0.5,
     ) -> None:
         self.model = model
         self.layers = layers
@@ -103,6 +114,8 @@ class FIRE:
         self.views = views
         self.batch_size = batch_size
         self.select = select
+        self.condition = condition
+        self.target_share = target_share
         self._attached: list[HookHandles] = []  # handles given out by attach()
         self._own_passes = 0  # > 0 while FIRE's own fitting passes run: the attached hooks stand aside
 
@@ -119,6 +132,12 @@ class FIRE:
             raise FireDefenseError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}.")
         if self.select not in SELECTIONS:
             raise FireDefenseError(f"unknown select {self.select!r}; use one of {', '.join(SELECTIONS)}.")
+        if self.condition not in CONDITIONS:
+            raise FireDefenseError(f"unknown condition {self.condition!r}; use None or 'target'.")
+        if not isinstance(self.target_share, (int, float)) or not 0 < self.target_share <= 1:
+            raise FireDefenseError(f"target_share must be in (0, 1], got {self.target_share!r}.")
+        if self.select == "holdout" and self.augmentation is not None:
+            raise FireDefenseError("select='holdout' leaves out single poisoned inputs; it cannot use augmented views.")
         if not 0 < self.fpr < 1:
             raise FireDefenseError(f"fpr must be in (0, 1), got {self.fpr}.")
         if self.rank < 1 or (self.rank > 1 and self.mode != "project"):
@@ -239,6 +258,19 @@ class FIRE:
         else:
             repair.refresh(stats, self._alpha(layer), self.fpr, layers)
 
+    def _update_condition(self, poisoned: list[torch.Tensor], condition: TargetCondition | None) -> TargetCondition:
+        """``condition`` (a new one if None) updated with the unrepaired predictions of ``poisoned``."""
+        self._own_passes += 1  # the unrepaired model's predictions, whatever is attached
+        try:
+            predictions = [torch.as_tensor(predict(self.model, batch, self.batch_size)) for batch in poisoned]
+            if condition is None:
+                with torch.inference_mode():
+                    classes = self.model(poisoned[0][:1]).shape[1]
+                condition = TargetCondition(classes, self.target_share, self._device)
+        finally:
+            self._own_passes -= 1
+        return condition.update(torch.cat(predictions))
+
     # --- fitting --------------------------------------------------------------------------------------------------
 
     def fit(
@@ -288,6 +320,9 @@ class FIRE:
         stats: dict[str, LayerStatistics] = {}
         repairs: dict[str, LayerRepair] = {}
         layer_scores = None
+        condition = None
+        if self.condition == "target" and poisoned_batches is not None:
+            condition = self._update_condition(poisoned_batches, None)
         if auto:  # one pass to every candidate, then keep the best one
             self._gather(streams, layers, stats, None, cascade=False, keep_poisoned=True)
             assert poisoned_batches is not None
@@ -296,9 +331,10 @@ class FIRE:
                 stats,
                 torch.cat(clean_batches),
                 torch.cat(poisoned_batches),
-                build=lambda layer: build_repair(self.mode, stats[layer], self._alpha(layer), self.fpr, 1),
+                build=lambda layer, layer_stats: build_repair(self.mode, layer_stats, self._alpha(layer), self.fpr, 1),
                 select=self.select,
                 batch_size=self.batch_size,
+                condition=condition,
             )
             layers, layer_scores = [choice.layer], choice.scores
             stats = {choice.layer: stats[choice.layer]}
@@ -309,7 +345,10 @@ class FIRE:
                 stats[layer].decompose(self.rank)
             stats[layer].forget_poisoned()
         self.layers_, self.stats_, self.paired_ = layers, stats, paired
-        self.__dict__.pop("repairs_", None)
+        for name in ("repairs_", "condition_"):
+            self.__dict__.pop(name, None)
+        if condition is not None:
+            self.condition_ = condition
         if all("poisoned" in stats[layer].counts for layer in layers):  # else partial_fit(poisoned=...) completes it
             for layer in layers:
                 self._refresh(layer, stats[layer], repairs, len(layers))
@@ -356,6 +395,8 @@ class FIRE:
         streams = self._streams(clean_batches, poisoned_batches)
         if not streams:
             raise FireDefenseError("partial_fit needs clean or poisoned inputs.")
+        if self.condition == "target" and poisoned_batches is not None:
+            self.condition_ = self._update_condition(poisoned_batches, getattr(self, "condition_", None))
         repairs = getattr(self, "repairs_", {})
         self._gather(streams, self.layers_, self.stats_, repairs, cascade=self.cascade)
         if len(repairs) == len(self.layers_):
@@ -383,19 +424,24 @@ class FIRE:
     def attach(self, scores: dict[str, torch.Tensor] | None = None) -> HookHandles:
         """Attach the repair hooks until the returned handles' ``remove()``: the hot path, with no per-call cost."""
         self._check_eval()
+        if self.condition is not None:
+            raise FireDefenseError(
+                f"condition={self.condition!r} repairs in a second pass that hooks cannot express; "
+                "use fire(x) or fire.module()."
+            )
         handles = HookHandles(self.model, self._hooks(scores))
         self._attached.append(handles)
         return handles
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The repaired forward pass."""
-        with self.attached():
-            return self.model(x)
+    def __call__(self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The repaired forward pass (``scores``: as :meth:`RepairedModel.forward`)."""
+        self._check_eval()
+        return self.module()(x, scores)
 
     def scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each layer's projection score ``(N,)`` (``h - mean_clean`` on the unit direction), from a repaired pass."""
         scores: dict[str, torch.Tensor] = {}
-        with self.attached(scores):
+        with HookHandles(self.model, self._hooks(scores)):
             self.model(x)
         return scores
 
@@ -413,7 +459,9 @@ class FIRE:
     def module(self) -> RepairedModel:
         """The repaired model as an ``nn.Module``: the model and the repair modules (:class:`RepairedModel`)."""
         self._require_fitted()
-        return RepairedModel(self.model, {layer: self.repairs_[layer] for layer in self.layers_})
+        return RepairedModel(
+            self.model, {layer: self.repairs_[layer] for layer in self.layers_}, getattr(self, "condition_", None)
+        )
 
     # --- fitted state -----------------------------------------------------------------------------------------
 
@@ -496,21 +544,37 @@ class FIRE:
 class RepairedModel(nn.Module):
     """A model with repair modules at named layers: ``fire.module()(x) == fire(x)``.
 
-    The repairs are submodules, so ``.to()`` moves them with the model and ``state_dict()`` holds
-    their buffers beside the model's weights. Hooks are attached for each forward call only.
+    The repairs (and the condition) are submodules, so ``.to()`` moves them with the model and
+    ``state_dict()`` holds their buffers beside the model's weights. Hooks are attached for each
+    forward call only. With a ``condition``, the model first runs unrepaired, and only the inputs
+    the condition selects run again, repaired.
 
     Args:
         model: The classifier.
         repairs: ``{layer name: repair module}``, applied in this order.
+        condition: Selects the inputs to repair from the unrepaired logits (default: every input).
     """
 
-    def __init__(self, model: nn.Module, repairs: Mapping[str, LayerRepair]) -> None:
+    def __init__(
+        self, model: nn.Module, repairs: Mapping[str, LayerRepair], condition: TargetCondition | None = None
+    ) -> None:
         super().__init__()
         self.model = model
         self.layers = list(repairs)
         self.repairs = nn.ModuleList(repairs.values())
+        self.condition = condition
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        hooks = [(layer, repair_hook(layer, repair)) for layer, repair in zip(self.layers, self.repairs, strict=True)]
-        with HookHandles(self.model, hooks):
-            return self.model(x)
+    def forward(self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """Repaired logits; ``scores``, if given, gets each layer's projection score of the first pass."""
+        pairs = list(zip(self.layers, self.repairs, strict=True))
+        if self.condition is None:
+            with HookHandles(self.model, [(layer, repair_hook(layer, repair, scores)) for layer, repair in pairs]):
+                return self.model(x)
+        with HookHandles(self.model, [(layer, repair_hook(layer, r, scores, apply=False)) for layer, r in pairs]):
+            logits = self.model(x)
+        selected = self.condition(logits)
+        if not bool(selected.any()):
+            return logits
+        with HookHandles(self.model, [(layer, repair_hook(layer, repair)) for layer, repair in pairs]):
+            repaired = self.model(x[selected])
+        return logits.index_put((selected,), repaired)

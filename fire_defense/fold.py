@@ -66,6 +66,10 @@ def fold(fire: FIRE, example: torch.Tensor, into: str | None = None, atol: float
     """
     fire._require_fitted()
     fire._refuse_while_attached("fold()")
+    if fire.condition is not None:
+        raise FireDefenseError(
+            f"condition={fire.condition!r} repairs only some inputs, which a bias cannot do; use condition=None."
+        )
     if fire.mode != "shift" or len(fire.layers_) != 1:
         raise FireDefenseError(
             "only a single-layer 'shift' repair can be folded; use FIRE(..., mode='shift', layers=one)."

@@ -12,7 +12,11 @@ With ``s = <h - mean_clean, beta / |beta|>`` the projection score:
 - :class:`ProjectRepair` (``project``): remove the part of ``s`` (of each of ``r`` directions)
   above the clean ``1 - fpr`` quantile;
 - :class:`GateRepair` (``gate``): the shift, only for inputs whose ``s`` exceeds the clean
-  ``1 - fpr / L`` quantile (``L`` repaired layers).
+  ``1 - fpr / L`` quantile (``L`` repaired layers);
+- :class:`MatchRepair` (``match``, FIRE v2): move the poisoned activations' distribution onto the
+  clean one, per channel: ``mean_clean + (h - mean_poisoned) * std_clean / std_poisoned`` (means
+  at the layer's shape, standard deviations per channel over samples and positions), so a
+  trigger whose effect grows or shrinks with the input (a blend) is undone in proportion.
 """
 
 from __future__ import annotations
@@ -27,7 +31,17 @@ from fire_defense.errors import FireDefenseError
 from fire_defense.layers import HookFn, tensor_output
 from fire_defense.statistics import LayerStatistics
 
-__all__ = ["REPAIRS", "GateRepair", "LayerRepair", "ProjectRepair", "ShiftRepair", "build_repair", "repair_hook"]
+__all__ = [
+    "REPAIRS",
+    "GateRepair",
+    "LayerRepair",
+    "MatchRepair",
+    "ProjectRepair",
+    "ShiftRepair",
+    "TargetCondition",
+    "build_repair",
+    "repair_hook",
+]
 
 
 class LayerRepair(nn.Module):
@@ -111,7 +125,90 @@ class GateRepair(LayerRepair):
         return torch.addcmul(output, flagged.view(-1, *([1] * (output.ndim - 1))), self.offset.to(output), value=-1)
 
 
-REPAIRS: dict[str, type[LayerRepair]] = {cls.mode: cls for cls in (ShiftRepair, ProjectRepair, GateRepair)}
+class TargetCondition(nn.Module):
+    """Which inputs a conditional repair applies to: those the unrepaired model sends to an inferred target.
+
+    The targets are the classes that at least ``share`` of the poisoned inputs seen so far are
+    predicted as (the attacker's label, as the defender can infer it; several for a multi-target
+    attack). If none reaches ``share`` (an all-to-all attack, or no backdoor), :attr:`mask`
+    holds every class: every input is repaired.
+
+    Args:
+        classes: Outputs of the classifier.
+        share: Least share of the seen poisoned inputs a class needs to count as a target.
+    """
+
+    def __init__(self, classes: int, share: float, device: torch.device) -> None:
+        super().__init__()
+        self.share = share
+        with torch.inference_mode(False):
+            self.register_buffer("counts", torch.zeros(classes, dtype=torch.long, device=device))
+            self.register_buffer("mask", torch.ones(classes, dtype=torch.bool, device=device))
+
+    @torch.no_grad()
+    def update(self, predictions: torch.Tensor) -> TargetCondition:
+        """Count the unrepaired predictions of more poisoned inputs and recompute the targets; returns ``self``."""
+        with torch.inference_mode(False):
+            self.counts += torch.bincount(predictions.to(self.counts.device), minlength=len(self.counts))
+            targets = self.counts >= self.share * self.counts.sum().clamp_min(1)
+            self.mask.copy_(targets if targets.any() else torch.ones_like(targets))
+        return self
+
+    @property
+    def targets(self) -> list[int]:
+        """The inferred target classes (every class when none was found)."""
+        return self.mask.nonzero().flatten().tolist()
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        """``(N,)`` bool: the inputs whose unrepaired prediction is a target."""
+        return self.mask[logits.argmax(1)]
+
+    def extra_repr(self) -> str:
+        return f"targets={self.targets}, share={self.share}"
+
+
+class MatchRepair(LayerRepair):
+    """``h + alpha * (mean_clean + (h - mean_poisoned) * scale - h)``, ``scale = std_clean / std_poisoned`` per channel.
+
+    The scale is capped at :attr:`MAX_SCALE` (a guard for a channel that the few poisoned inputs
+    seen hardly vary in; not tuned).
+    """
+
+    mode = "match"
+    MAX_SCALE = 4.0
+
+    def __init__(self, shape: torch.Size, rank: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__(shape, rank, dtype, device)
+        channels = shape[0] if len(shape) == 3 else shape[-1]
+        with torch.inference_mode(False):
+            self.register_buffer("clean_mean", torch.zeros(shape, dtype=dtype, device=device))
+            self.register_buffer("poisoned_mean", torch.zeros(shape, dtype=dtype, device=device))
+            self.register_buffer("scale", torch.ones(channels, dtype=dtype, device=device))
+            self.register_buffer("alpha", torch.ones((), dtype=dtype, device=device))
+        self._channel_shape = (-1, 1, 1) if len(shape) == 3 else (-1,)
+
+    @torch.no_grad()
+    def refresh(self, stats: LayerStatistics, alpha: float, fpr: float, layers: int) -> LayerRepair:
+        super().refresh(stats, alpha, fpr, layers)
+        ratio = stats.channel_std("clean") / stats.channel_std("poisoned").clamp_min(1e-12)
+        values = {
+            "clean_mean": stats.mean("clean").view(stats.shape),
+            "poisoned_mean": stats.mean("poisoned").view(stats.shape),
+            "scale": ratio.clamp_max(self.MAX_SCALE),
+            "alpha": torch.tensor(alpha),
+        }
+        with torch.inference_mode(False):
+            for name, value in values.items():
+                getattr(self, name).copy_(value)
+        return self
+
+    def forward(self, output: torch.Tensor) -> torch.Tensor:
+        scale = self.scale.to(output).view(self._channel_shape)
+        matched = torch.addcmul(self.clean_mean.to(output), output - self.poisoned_mean.to(output), scale)
+        return torch.lerp(output, matched, self.alpha.to(output))
+
+
+REPAIRS: dict[str, type[LayerRepair]] = {cls.mode: cls for cls in (ShiftRepair, ProjectRepair, GateRepair, MatchRepair)}
 """The repair module of each mode."""
 
 
@@ -135,12 +232,14 @@ def repair_hook(
     repair: LayerRepair,
     scores: dict[str, torch.Tensor] | None = None,
     active: Callable[[], bool] | None = None,
+    apply: bool = True,
 ) -> HookFn:
     """A forward hook at ``layer`` that returns ``repair(output)``.
 
     Args:
         scores: If given, ``scores[layer]`` is set to the projection score of each pass.
         active: If given, the hook does nothing while ``active()`` is false.
+        apply: If false, the hook only scores (the output is left as it is).
     """
 
     def hook(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
@@ -149,6 +248,6 @@ def repair_hook(
         output = tensor_output(layer, output)
         if scores is not None:
             scores[layer] = repair.score(output)
-        return repair(output)
+        return repair(output) if apply else None
 
     return hook

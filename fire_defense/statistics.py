@@ -15,7 +15,18 @@ import torch
 
 from fire_defense.errors import NotFittedError
 
-__all__ = ["LayerStatistics"]
+__all__ = ["LayerStatistics", "channel_axes"]
+
+
+def channel_axes(shape: torch.Size) -> tuple[int, ...]:
+    """The axes of a batch ``(N, *shape)`` a per-channel statistic pools over: samples and positions.
+
+    A conv map ``(C, H, W)`` has channels ``C``; tokens ``(T, D)`` have channels ``D``; a flat
+    ``(D,)`` layer has one channel per unit.
+    """
+    if len(shape) == 3:
+        return (0, 2, 3)
+    return tuple(range(len(shape)))  # (T, D) -> (0, 1); (D,) -> (0,)
 
 
 class LayerStatistics:
@@ -31,6 +42,8 @@ class LayerStatistics:
         self.shape = shape
         self.dtype = dtype
         self.sums: dict[str, torch.Tensor] = {}
+        self.channel_sums: dict[str, torch.Tensor] = {}  # per channel, over samples and positions
+        self.channel_squares: dict[str, torch.Tensor] = {}
         self.counts: dict[str, int] = {}
         self.calibration: list[torch.Tensor] = []
         self.poisoned: list[torch.Tensor] | None = [] if keep_poisoned else None
@@ -39,8 +52,16 @@ class LayerStatistics:
     def add(self, stream: str, activations: torch.Tensor) -> None:
         """Add a batch ``(N, *shape)`` of ``stream``'s activations."""
         flat = activations.flatten(1)
-        total = flat.sum(0, dtype=torch.float64)
-        self.sums[stream] = self.sums[stream] + total if stream in self.sums else total
+        values = activations.double()
+        axes = channel_axes(self.shape)
+        totals = {
+            "sums": flat.sum(0, dtype=torch.float64),
+            "channel_sums": values.sum(axes),
+            "channel_squares": values.square().sum(axes),
+        }
+        for name, total in totals.items():
+            sums = getattr(self, name)
+            sums[stream] = sums[stream] + total if stream in sums else total
         self.counts[stream] = self.counts.get(stream, 0) + len(flat)
         if stream == "clean":
             self.calibration.append(flat.float())
@@ -52,6 +73,13 @@ class LayerStatistics:
         if not self.counts.get(stream):
             raise NotFittedError(f"no {stream} samples seen yet at this layer; fit or partial_fit with some first.")
         return self.sums[stream] / self.counts[stream]
+
+    def channel_std(self, stream: str) -> torch.Tensor:
+        """Per-channel float64 standard deviation of ``stream``, over samples and positions."""
+        self.mean(stream)  # raises if nothing was seen
+        per_channel = self.counts[stream] * self.shape.numel() / self.channel_sums[stream].numel()
+        mean = self.channel_sums[stream] / per_channel
+        return (self.channel_squares[stream] / per_channel - mean.square()).clamp_min(0).sqrt()
 
     @property
     def direction(self) -> torch.Tensor:
@@ -91,6 +119,21 @@ class LayerStatistics:
         pooled = ((clean.var(unbiased=False) + poisoned.var(unbiased=False)) / 2).sqrt()
         return float((poisoned.mean() - clean.mean()) / pooled.clamp_min(1e-12))
 
+    def holdout(self, clean: int, leave_out: int | None = None) -> LayerStatistics:
+        """A copy estimated from the first ``clean`` clean activations and every poisoned one but ``leave_out``.
+
+        For scoring a repair on inputs it was not estimated from (needs ``keep_poisoned``). The
+        clean stream is taken from the calibration store (augmented views are not used).
+        """
+        poisoned = self.poisoned_activations()
+        kept = poisoned if leave_out is None else torch.cat([poisoned[:leave_out], poisoned[leave_out + 1 :]])
+        fit_clean = self.clean_activations()[:clean]
+        copy = LayerStatistics(self.shape, self.dtype, keep_poisoned=True)
+        copy.add("clean", fit_clean.view(-1, *self.shape))
+        copy.add("poisoned", kept.view(-1, *self.shape))
+        copy.basis = self.basis
+        return copy
+
     def forget_poisoned(self) -> None:
         """Drop the per-sample poisoned store (it was only needed to choose a layer and decompose)."""
         self.poisoned = None
@@ -98,7 +141,8 @@ class LayerStatistics:
     def state(self) -> dict[str, Any]:
         """Tensors and plain values only (they load with ``torch.load(weights_only=True)``)."""
         state: dict[str, Any] = {"shape": list(self.shape), "counts": dict(self.counts)}
-        state["sums"] = {k: v.cpu() for k, v in self.sums.items()}
+        for name in ("sums", "channel_sums", "channel_squares"):
+            state[name] = {k: v.cpu() for k, v in getattr(self, name).items()}
         state["calibration"] = self.clean_activations().cpu() if self.calibration else torch.empty(0)
         if self.basis is not None:
             state["basis"] = self.basis.cpu()
@@ -109,7 +153,8 @@ class LayerStatistics:
         """The statistics :meth:`state` returned, on ``device``."""
         stats = cls(torch.Size(state["shape"]), dtype)
         stats.counts = {k: int(v) for k, v in state["counts"].items()}
-        stats.sums = {k: v.to(device, torch.float64) for k, v in state["sums"].items()}
+        for name in ("sums", "channel_sums", "channel_squares"):
+            setattr(stats, name, {k: v.to(device, torch.float64) for k, v in state[name].items()})
         if len(state["calibration"]):
             stats.calibration = [state["calibration"].to(device)]
         if "basis" in state:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fire_defense import FIRE, FireDefenseError, NotFittedError, candidate_layers
+from fire_defense import FIRE, MODES, FireDefenseError, NotFittedError, candidate_layers
 from fire_defense.metrics import predict
 
 from helpers import tiny_backdoored_model
@@ -70,7 +70,7 @@ def synthetic():
     return model, clean, test, labels
 
 
-@pytest.mark.parametrize("mode", ["shift", "project", "gate"])
+@pytest.mark.parametrize("mode", MODES)
 def test_paired_recovers_the_known_direction_and_restores_predictions(synthetic, mode):
     model, clean, test, labels = synthetic
     fire = FIRE(model, layers="encoder", mode=mode).fit(clean, trigger=trigger)
@@ -104,7 +104,7 @@ def test_paired_unpaired_and_streaming_agree(synthetic):
 
 def test_attached_hooks_follow_streaming_updates(synthetic):
     model, clean, test, labels = synthetic
-    fire = FIRE(model, layers="encoder", mode="shift").partial_fit(clean=clean)
+    fire = FIRE(model, layers="encoder", mode="shift", condition=None).partial_fit(clean=clean)
     fire.partial_fit(poisoned=trigger(test[:1]) + 5.0)  # a first, misleading estimate
     with torch.inference_mode(), fire.attached():
         misled = model(trigger(test)).argmax(1)
@@ -182,7 +182,7 @@ def test_batch_size_invariance_and_inference_mode(synthetic):
     torch.testing.assert_close(together, alone)
 
 
-@pytest.mark.parametrize("mode", ["shift", "project", "gate"])
+@pytest.mark.parametrize("mode", MODES)
 def test_the_repaired_pass_can_be_differentiated(synthetic, mode):
     """Adaptive attacks need gradients through the defense; statistics fitted in inference mode must not block them."""
     model, clean, test, _ = synthetic
@@ -194,7 +194,7 @@ def test_the_repaired_pass_can_be_differentiated(synthetic, mode):
 
 def test_hooks_are_gone_after_the_block_even_after_an_exception(synthetic):
     model, clean, test, _ = synthetic
-    fire = FIRE(model, layers=["encoder", "head.0"]).fit(clean, trigger=trigger)
+    fire = FIRE(model, layers=["encoder", "head.0"], condition=None).fit(clean, trigger=trigger)
     counts = [len(m._forward_hooks) for m in model.modules()]
     with fire.attached():
         assert sum(len(m._forward_hooks) for m in model.modules()) == sum(counts) + 2
@@ -258,7 +258,7 @@ def test_state_keeps_alpha_and_bad_state_changes_nothing(synthetic, tmp_path):
 
 def test_attached_hooks_block_refitting_and_folding_until_removed(synthetic):
     model, clean, test, _ = synthetic
-    fire = FIRE(model, layers="encoder").fit(clean, trigger=trigger)
+    fire = FIRE(model, layers="encoder", mode="shift", condition=None).fit(clean, trigger=trigger)
     handles = fire.attach()
     with pytest.raises(FireDefenseError, match=r"remove them before fit\(\)"):
         fire.fit(clean, trigger=trigger)
@@ -324,7 +324,7 @@ def test_fold_equals_the_hooked_shift_and_exports():
         nn.Linear(8, 5),
     ).eval()
     images = torch.rand(64, 3, 8, 8)
-    fire = FIRE(model, layers="3", mode="shift").fit(images, poisoned=images + 0.3)
+    fire = FIRE(model, layers="3", mode="shift", condition=None).fit(images, poisoned=images + 0.3)
     folded = fire.fold(images[:8])
     assert sum(len(m._forward_hooks) for m in folded.modules()) == 0
     test = torch.rand(16, 3, 8, 8)
@@ -332,11 +332,11 @@ def test_fold_equals_the_hooked_shift_and_exports():
         torch.testing.assert_close(folded(test), fire(test), rtol=1e-5, atol=1e-5)
     exported = torch.export.export(folded, (test,))
     torch.testing.assert_close(exported.module()(test), fire(test), rtol=1e-5, atol=1e-5)
-    early = FIRE(model, layers="1", mode="shift").fit(images, poisoned=images + 0.3)
+    early = FIRE(model, layers="1", mode="shift", condition=None).fit(images, poisoned=images + 0.3)
     with pytest.raises(FireDefenseError, match=r"cannot be folded|varies over positions"):
         early.fold(images[:8])
     with pytest.raises(FireDefenseError, match="single-layer 'shift'"):
-        FIRE(model, layers="3", mode="gate").fit(images, poisoned=images + 0.3).fold(images[:8])
+        FIRE(model, layers="3", mode="gate", condition=None).fit(images, poisoned=images + 0.3).fold(images[:8])
 
 
 # --- architectures: where automatic layer choice looks -------------------------------------------------------
@@ -370,7 +370,7 @@ def backdoored():
     return tiny_backdoored_model()
 
 
-@pytest.mark.parametrize("mode", ["shift", "project", "gate"])
+@pytest.mark.parametrize("mode", MODES)
 def test_a_real_backdoor_is_repaired_from_ten_poisoned_inputs(backdoored, mode):
     model, reference, seen, test_x, test_y, poisoned_x, poisoned_y = backdoored
     clean_acc = (predict(model, test_x) == test_y.numpy()).mean()
@@ -381,8 +381,8 @@ def test_a_real_backdoor_is_repaired_from_ten_poisoned_inputs(backdoored, mode):
     repaired_acc = (predict(fire, test_x) == test_y.numpy()).mean()
     poisoned_acc = (predict(fire, poisoned_x) == poisoned_y.numpy()).mean()
     assert repaired_asr < 0.15 and poisoned_acc > 0.8
-    # shift moves clean inputs too; project and gate leave them (almost) alone
-    assert repaired_acc > clean_acc - (0.1 if mode == "shift" else 0.01)
+    # shift and match move every input, clean ones too; project and gate leave them (almost) alone
+    assert repaired_acc > clean_acc - (0.1 if mode in ("shift", "match") else 0.01)
     assert fire.layers_[0] in ("layer1", "layer2", "layer3")
     scores = fire.layer_scores_
     assert set(scores) == {"layer1", "layer2", "layer3"}
@@ -427,13 +427,13 @@ def test_layer_choice_is_a_function_that_leaves_statistics_and_model_untouched(b
     hooks = sum(len(m._forward_hooks) for m in model.modules())
     choices = {
         select: choose_layer(
-            model, stats, reference, seen, lambda layer: build_repair("gate", stats[layer], 1.0, 0.01, 1), select
+            model, stats, reference, seen, lambda layer, s: build_repair("gate", s, 1.0, 0.01, 1), select
         )
         for select in ("repair", "separation")
     }
     assert sum(len(m._forward_hooks) for m in model.modules()) == hooks
     assert all(torch.equal(stats[layer].sums[k], sums[layer][k]) for layer in stats for k in sums[layer])
-    fitted = FIRE(model, layers="auto", mode="gate").fit(reference, poisoned=seen)
+    fitted = FIRE(model, layers="auto", mode="gate", select="repair", condition=None).fit(reference, poisoned=seen)
     assert choices["repair"].layer == fitted.layers_[0] and choices["repair"].scores == fitted.layer_scores_
     assert set(choices["separation"].scores[choices["separation"].layer]) == {"separation"}
 
@@ -456,3 +456,89 @@ def test_repairs_are_modules_that_move_save_and_follow_streaming(synthetic):
     assert double.repairs[0].offset.dtype == torch.float64
     with torch.inference_mode():
         torch.testing.assert_close(double(trigger(test).double()).float(), fire(trigger(test)))
+
+
+# --- FIRE v2: the target condition, the held-out layer choice --------------------------------------------------
+
+
+def _count_passes(model: nn.Module) -> list[int]:
+    calls: list[int] = []
+    model.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
+    return calls
+
+
+def test_target_condition_repairs_only_inputs_sent_to_the_target_in_a_second_pass(synthetic):
+    model, clean, test, labels = synthetic
+    fire = FIRE(model, layers="encoder", mode="shift", condition="target").fit(clean, trigger=trigger)
+    assert fire.condition_.targets == [0]
+    calls = _count_passes(model)
+    mixed = torch.cat([test[:20], trigger(test[20:40])])
+    with torch.inference_mode():
+        out, plain = fire(mixed), model(mixed)
+    sent_to_target = plain.argmax(1) == 0
+    assert calls[:2] == [40, int(sent_to_target.sum())]  # one pass, then only the selected inputs again
+    torch.testing.assert_close(out[~sent_to_target], plain[~sent_to_target])  # the others are untouched
+    assert (out.argmax(1) == torch.cat([labels[:20], labels[20:40]])).all()
+    calls.clear()
+    with torch.inference_mode():
+        fire(test[labels != 0])  # nothing is sent to the target: a single pass
+    assert calls == [int((labels != 0).sum())]
+    with pytest.raises(FireDefenseError, match="second pass that hooks cannot express"):
+        fire.attach()
+
+
+def test_no_single_target_means_every_input_is_repaired(synthetic):
+    """An all-to-all attack sends poisoned inputs to many labels: no class reaches target_share, none is assumed."""
+    from fire_defense.repair import TargetCondition
+
+    condition = TargetCondition(4, share=0.5, device=torch.device("cpu")).update(torch.tensor([0, 1, 2, 3, 1, 2]))
+    assert condition.targets == [0, 1, 2, 3]
+    assert condition.update(torch.tensor([2] * 20)).targets == [2]  # a majority emerges as inputs arrive
+    model, clean, test, _ = synthetic
+    spread = clean[:40] + 0.01  # "poisoned" inputs the model sends to all four labels
+    conditional = FIRE(model, layers="encoder", mode="shift", condition="target").fit(clean, poisoned=spread)
+    everyone = FIRE(model, layers="encoder", mode="shift", condition=None).fit(clean, poisoned=spread)
+    assert conditional.condition_.targets == [0, 1, 2, 3]
+    with torch.inference_mode():
+        torch.testing.assert_close(conditional(test), everyone(test))
+
+
+def test_streaming_updates_the_targets_and_the_statistics(synthetic):
+    model, clean, test, labels = synthetic
+    fire = FIRE(model, layers="encoder", mode="match", condition="target").partial_fit(clean=clean)
+    stream = trigger(synthetic_data(30, seed=7)[0])
+    for sample in stream.split(1):
+        fire.partial_fit(poisoned=sample)
+    assert int(fire.condition_.counts.sum()) == 30 and fire.condition_.targets == [0]
+    batch = FIRE(model, layers="encoder", mode="match", condition="target").fit(clean, poisoned=stream)
+    with torch.inference_mode():
+        torch.testing.assert_close(fire(trigger(test)), batch(trigger(test)))
+        assert (fire(trigger(test)).argmax(1) == labels).all()
+
+
+def test_holdout_statistics_leave_out_what_they_score():
+    from fire_defense.statistics import LayerStatistics
+
+    clean = torch.randn(50, 3, 4, 4)
+    poisoned = torch.randn(5, 3, 4, 4) + 1.0
+    stats = LayerStatistics(clean.shape[1:], clean.dtype, keep_poisoned=True)
+    stats.add("clean", clean)
+    stats.add("poisoned", poisoned)
+    held = stats.holdout(40, leave_out=2)
+    expected = torch.cat([poisoned[:2], poisoned[3:]]).mean(0) - clean[:40].mean(0)
+    torch.testing.assert_close(held.direction.float(), expected.flatten(), rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        stats.channel_std("clean").float(), clean.transpose(0, 1).flatten(1).std(1, correction=0)
+    )
+
+
+def test_holdout_choice_scores_every_candidate_on_held_out_inputs(backdoored):
+    model, reference, seen, *_, poisoned_x, poisoned_y = backdoored
+    fire = FIRE(model, layers="auto", mode="match", condition="target", select="holdout").fit(reference, poisoned=seen)
+    scores = fire.layer_scores_
+    assert set(scores) == {"layer1", "layer2", "layer3"}
+    for layer, score in scores.items():
+        assert score["holdout"] == pytest.approx(score["moved"] - score["disturbed"]), layer
+        assert 0 <= score["moved"] <= 1 and 0 <= score["disturbed"] <= 1
+    assert scores[fire.layers_[0]]["holdout"] == max(s["holdout"] for s in scores.values())
+    assert (predict(fire, poisoned_x) == poisoned_y.numpy()).mean() > 0.8
