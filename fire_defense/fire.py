@@ -40,9 +40,8 @@ from torch import nn
 from fire_defense.device import module_device
 from fire_defense.errors import FireDefenseError, NotFittedError, first_line
 from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers
-from fire_defense.metrics import predict
 from fire_defense.repair import REPAIRS, LayerRepair, TargetCondition, build_repair, repair_hook
-from fire_defense.selection import SELECTIONS, choose_layer
+from fire_defense.selection import SELECTIONS, choose_layer, gate_threshold
 from fire_defense.statistics import LayerStatistics
 
 __all__ = ["FIRE", "MODES", "RepairedModel"]
@@ -59,7 +58,7 @@ class FIRE:
     Args:
         model: The (backdoored) classifier, in eval mode. Its weights are never changed.
         layers: ``'auto'``, a layer name, a module, or a sequence of them (repaired in this order).
-        mode: ``'shift'``, ``'project'`` or ``'gate'`` (see the module docstring).
+        mode: ``'match'`` (the default), ``'shift'``, ``'project'`` or ``'gate'`` (:mod:`fire_defense.repair`).
         alpha: Step along ``beta``: one value, or ``{layer: value}`` (missing layers get 1.0).
         fpr: Clean false-positive rate behind the ``project`` caps and the ``gate`` thresholds.
         rank: Principal directions per layer for ``project`` mode (> 1 needs paired data).
@@ -75,11 +74,17 @@ class FIRE:
             (:class:`~fire_defense.repair.TargetCondition`); those run a second, repaired pass.
         target_share: With ``condition='target'``, the least share of the seen poisoned inputs
             a class must be predicted for to count as a target.
+        gate_quantiles: With ``condition='target'``, an input the condition selects is repaired
+            only if its projection score also exceeds this quantile of the scores of the clean
+            reference inputs the condition selects (``None``: no such test). With
+            ``layers='auto'`` and ``select='holdout'`` the best of them is chosen with the
+            layer (``gate_quantile_``); otherwise the first is used.
 
     Fitted state: ``layers_`` (the repaired layers), ``stats_`` (their
     :class:`~fire_defense.statistics.LayerStatistics`), ``repairs_`` (their repair modules, refreshed
     in place by :meth:`partial_fit`), ``paired_``, with ``layers='auto'`` ``layer_scores_``, and
-    with ``condition='target'`` ``condition_`` (the inferred targets, updated by :meth:`partial_fit`).
+    with ``condition='target'`` ``condition_`` (the inferred targets, updated by :meth:`partial_fit`),
+    ``gate_quantile_`` and ``clean_predictions_`` (the unrepaired predictions of the clean reference).
 
     Example:
         >>> fire = FIRE(model, layers="layer3", mode="gate").fit(clean, poisoned=seen_poisoned)
@@ -91,7 +96,7 @@ class FIRE:
         self,
         model: nn.Module,
         layers: str | nn.Module | Sequence[str | nn.Module] = "auto",
-        mode: str = "shift",
+        mode: str = "match",
         alpha: float | Mapping[str, float] = 1.0,
         fpr: float = 0.01,
         rank: int = 1,
@@ -99,9 +104,10 @@ class FIRE:
         augmentation: Callable[[torch.Tensor], torch.Tensor] | None = None,
         views: int = 4,
         batch_size: int = 256,
-        select: str = "repair",
-        condition: str | None = None,
+        select: str = "holdout",
+        condition: str | None = "target",
         target_share: float = 0.5,
+        gate_quantiles: Sequence[float | None] = (None, 0.5, 0.9),
     ) -> None:
         self.model = model
         self.layers = layers
@@ -116,6 +122,7 @@ class FIRE:
         self.select = select
         self.condition = condition
         self.target_share = target_share
+        self.gate_quantiles = gate_quantiles
         self._attached: list[HookHandles] = []  # handles given out by attach()
         self._own_passes = 0  # > 0 while FIRE's own fitting passes run: the attached hooks stand aside
 
@@ -136,6 +143,11 @@ class FIRE:
             raise FireDefenseError(f"unknown condition {self.condition!r}; use None or 'target'.")
         if not isinstance(self.target_share, (int, float)) or not 0 < self.target_share <= 1:
             raise FireDefenseError(f"target_share must be in (0, 1], got {self.target_share!r}.")
+        quantiles = list(self.gate_quantiles) if isinstance(self.gate_quantiles, (list, tuple)) else None
+        if not quantiles or not all(q is None or (isinstance(q, float) and 0 < q < 1) for q in quantiles):
+            raise FireDefenseError(
+                f"gate_quantiles must be a non-empty list of None or floats in (0, 1), got {quantiles}."
+            )
         if self.select == "holdout" and self.augmentation is not None:
             raise FireDefenseError("select='holdout' leaves out single poisoned inputs; it cannot use augmented views.")
         if not 0 < self.fpr < 1:
@@ -214,11 +226,13 @@ class FIRE:
         repairs: dict[str, LayerRepair] | None,
         cascade: bool,
         keep_poisoned: bool = False,
+        outputs: dict[str, list[torch.Tensor]] | None = None,
     ) -> None:
         """Add every stream's activations at ``layers`` to ``stats``, and refresh (or build) ``repairs`` from them.
 
         With ``cascade``, layer by layer, each from activations repaired at the layers before it
-        (``repairs`` is then required); ``repairs=None`` leaves repairs to the caller.
+        (``repairs`` is then required); ``repairs=None`` leaves repairs to the caller. ``outputs``,
+        if given (one group only), gets each stream's model outputs: the passes then run to the end.
         """
         groups = [[layer] for layer in layers] if cascade else [list(layers)]
         done: list[str] = []
@@ -242,7 +256,8 @@ class FIRE:
             self._own_passes += 1  # hooks given out by attach() stand aside: these passes carry their own repairs
             try:
                 for stream, batches in streams.items():
-                    capture_activations(self.model, batches, group, sink(stream), hooks)
+                    kept = None if outputs is None else outputs.setdefault(stream, [])
+                    capture_activations(self.model, batches, group, sink(stream), hooks, kept)
             finally:
                 self._own_passes -= 1
             for layer in group if repairs is not None else ():
@@ -258,18 +273,31 @@ class FIRE:
         else:
             repair.refresh(stats, self._alpha(layer), self.fpr, layers)
 
-    def _update_condition(self, poisoned: list[torch.Tensor], condition: TargetCondition | None) -> TargetCondition:
-        """``condition`` (a new one if None) updated with the unrepaired predictions of ``poisoned``."""
-        self._own_passes += 1  # the unrepaired model's predictions, whatever is attached
+    def _predictions(self, batches: list[torch.Tensor]) -> torch.Tensor:
+        """The unrepaired model's outputs on ``batches``, whatever is attached."""
+        self._own_passes += 1
         try:
-            predictions = [torch.as_tensor(predict(self.model, batch, self.batch_size)) for batch in poisoned]
-            if condition is None:
-                with torch.inference_mode():
-                    classes = self.model(poisoned[0][:1]).shape[1]
-                condition = TargetCondition(classes, self.target_share, self._device)
+            with torch.inference_mode():
+                return torch.cat([self.model(batch) for batch in batches])
         finally:
             self._own_passes -= 1
-        return condition.update(torch.cat(predictions))
+
+    def _update_condition(self, logits: torch.Tensor) -> None:
+        """Update ``condition_`` (made on first use) with the unrepaired outputs on more poisoned inputs."""
+        if not hasattr(self, "condition_"):
+            self.condition_ = TargetCondition(logits.shape[1], self.target_share, self._device)
+        self.condition_.update(logits.argmax(1))
+
+    def _set_gate_thresholds(self) -> None:
+        """Each repair's ``select_threshold`` from the clean reference the condition selects (``gate_quantile_``)."""
+        if not hasattr(self, "condition_") or not hasattr(self, "repairs_"):
+            return
+        selected = self.condition_.mask[self.clean_predictions_].cpu()
+        for layer in self.layers_:
+            repair, stats = self.repairs_[layer], self.stats_[layer]
+            scores = repair.score(stats.clean_activations().view(-1, *stats.shape).to(repair.offset)).cpu()
+            with torch.inference_mode(False), torch.no_grad():
+                repair.select_threshold.fill_(gate_threshold(scores, selected, self.gate_quantile_))
 
     # --- fitting --------------------------------------------------------------------------------------------------
 
@@ -320,12 +348,17 @@ class FIRE:
         stats: dict[str, LayerStatistics] = {}
         repairs: dict[str, LayerRepair] = {}
         layer_scores = None
-        condition = None
-        if self.condition == "target" and poisoned_batches is not None:
-            condition = self._update_condition(poisoned_batches, None)
-        if auto:  # one pass to every candidate, then keep the best one
-            self._gather(streams, layers, stats, None, cascade=False, keep_poisoned=True)
+        for name in ("repairs_", "condition_", "layer_scores_", "gate_quantile_", "clean_predictions_"):
+            self.__dict__.pop(name, None)
+        quantile = self.gate_quantiles[0]
+        if auto:  # one pass through every candidate to the end (the outputs come free), then keep the best one
+            outputs: dict[str, list[torch.Tensor]] = {}
+            self._gather(streams, layers, stats, None, cascade=False, keep_poisoned=True, outputs=outputs)
             assert poisoned_batches is not None
+            clean_logits, poisoned_logits = torch.cat(outputs["clean"]), torch.cat(outputs["poisoned"])
+            if self.condition == "target":
+                self._update_condition(poisoned_logits)
+                self.clean_predictions_ = clean_logits.argmax(1)
             choice = choose_layer(
                 self.model,
                 stats,
@@ -334,26 +367,32 @@ class FIRE:
                 build=lambda layer, layer_stats: build_repair(self.mode, layer_stats, self._alpha(layer), self.fpr, 1),
                 select=self.select,
                 batch_size=self.batch_size,
-                condition=condition,
+                condition=getattr(self, "condition_", None),
+                quantiles=self.gate_quantiles,
+                clean_logits=clean_logits,
+                poisoned_logits=poisoned_logits,
             )
             layers, layer_scores = [choice.layer], choice.scores
+            quantile = choice.quantile if self.select == "holdout" else quantile
             stats = {choice.layer: stats[choice.layer]}
         else:
             self._gather(streams, layers, stats, repairs, cascade=self.cascade, keep_poisoned=self.rank > 1)
+            if self.condition == "target":
+                if poisoned_batches is not None:
+                    self._update_condition(self._predictions(poisoned_batches))
+                self.clean_predictions_ = self._predictions(clean_batches).argmax(1)
         for layer in layers:
             if self.rank > 1:
                 stats[layer].decompose(self.rank)
             stats[layer].forget_poisoned()
         self.layers_, self.stats_, self.paired_ = layers, stats, paired
-        for name in ("repairs_", "condition_"):
-            self.__dict__.pop(name, None)
-        if condition is not None:
-            self.condition_ = condition
+        if self.condition == "target":
+            self.gate_quantile_ = quantile
         if all("poisoned" in stats[layer].counts for layer in layers):  # else partial_fit(poisoned=...) completes it
             for layer in layers:
                 self._refresh(layer, stats[layer], repairs, len(layers))
             self.repairs_ = repairs
-        self.__dict__.pop("layer_scores_", None)
+            self._set_gate_thresholds()
         if layer_scores is not None:
             self.layer_scores_ = layer_scores
         return self
@@ -384,6 +423,8 @@ class FIRE:
                 raise FireDefenseError("the first partial_fit needs the clean reference set.")
             self.layers_ = resolve_layers(self.model, self.layers)
             self.stats_, self.paired_ = {}, False
+            if self.condition == "target":
+                self.gate_quantile_ = self.gate_quantiles[0]
         self._check_eval()
         clean_batches = None if clean is None else self._batches(clean, "clean")
         if trigger is not None:
@@ -395,12 +436,18 @@ class FIRE:
         streams = self._streams(clean_batches, poisoned_batches)
         if not streams:
             raise FireDefenseError("partial_fit needs clean or poisoned inputs.")
-        if self.condition == "target" and poisoned_batches is not None:
-            self.condition_ = self._update_condition(poisoned_batches, getattr(self, "condition_", None))
+        if self.condition == "target":
+            if poisoned_batches is not None:
+                self._update_condition(self._predictions(poisoned_batches))
+            if clean_batches is not None:  # the reference's predictions, for the gate threshold
+                new = self._predictions(clean_batches).argmax(1)
+                known = getattr(self, "clean_predictions_", new[:0])
+                self.clean_predictions_ = torch.cat([known, new])
         repairs = getattr(self, "repairs_", {})
         self._gather(streams, self.layers_, self.stats_, repairs, cascade=self.cascade)
         if len(repairs) == len(self.layers_):
             self.repairs_ = repairs  # fitted once every layer has seen clean and poisoned inputs
+            self._set_gate_thresholds()
         return self
 
     # --- the repair ---------------------------------------------------------------------------------------------
@@ -490,8 +537,16 @@ class FIRE:
                 "rank": self.rank,
                 "cascade": self.cascade,
                 "paired": self.paired_,
+                "condition": self.condition,
+                "target_share": self.target_share,
+                "gate_quantile": getattr(self, "gate_quantile_", None),
             },
             "layers": {layer: stats.state() for layer, stats in self.stats_.items()},
+            **(
+                {"target_counts": self.condition_.counts.cpu(), "clean_predictions": self.clean_predictions_.cpu()}
+                if hasattr(self, "condition_")
+                else {}
+            ),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> FIRE:
@@ -505,8 +560,15 @@ class FIRE:
             config, saved = state["config"], state["layers"]
             layers = resolve_layers(self.model, config["layers"])
             settings = {key: config[key] for key in ("mode", "alpha", "fpr", "rank", "cascade")}
+            # files written before FIRE v2 hold no condition: they load as condition=None
+            settings |= {"condition": config.get("condition"), "target_share": config.get("target_share", 0.5)}
             stats = {layer: LayerStatistics.from_state(saved[layer], self._device, dtype) for layer in layers}
-            paired = bool(config["paired"])
+            paired, quantile = bool(config["paired"]), config.get("gate_quantile")
+            counts = state.get("target_counts") if settings["condition"] == "target" else None
+            if counts is not None:
+                condition = TargetCondition(len(counts), settings["target_share"], self._device)
+                condition.update(torch.repeat_interleave(torch.arange(len(counts)), counts.long()))
+                clean_predictions = state["clean_predictions"].to(self._device).long()
         except FireDefenseError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
@@ -522,6 +584,11 @@ class FIRE:
             self.__dict__.update(previous)
             raise
         self.layers_, self.stats_, self.repairs_, self.paired_ = layers, stats, repairs, paired
+        for name in ("condition_", "clean_predictions_", "gate_quantile_"):
+            self.__dict__.pop(name, None)
+        if counts is not None:
+            self.condition_, self.clean_predictions_, self.gate_quantile_ = condition, clean_predictions, quantile
+            self._set_gate_thresholds()
         return self
 
     def save(self, path: str | Path) -> None:
@@ -570,9 +637,12 @@ class RepairedModel(nn.Module):
         if self.condition is None:
             with HookHandles(self.model, [(layer, repair_hook(layer, repair, scores)) for layer, repair in pairs]):
                 return self.model(x)
-        with HookHandles(self.model, [(layer, repair_hook(layer, r, scores, apply=False)) for layer, r in pairs]):
+        first: dict[str, torch.Tensor] = {} if scores is None else scores
+        with HookHandles(self.model, [(layer, repair_hook(layer, r, first, apply=False)) for layer, r in pairs]):
             logits = self.model(x)
         selected = self.condition(logits)
+        for layer, repair in pairs:
+            selected = selected & (first[layer] > repair.select_threshold.to(first[layer]))
         if not bool(selected.any()):
             return logits
         with HookHandles(self.model, [(layer, repair_hook(layer, repair)) for layer, repair in pairs]):

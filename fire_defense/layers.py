@@ -145,11 +145,13 @@ def capture_activations(
     layers: Sequence[str],
     sink: Callable[[str, torch.Tensor], None],
     hooks: Sequence[tuple[str, HookFn]] = (),
+    outputs: list[torch.Tensor] | None = None,
 ) -> None:
     """Run ``batches`` through ``model`` with ``hooks`` attached and hand each activation at ``layers`` to ``sink``.
 
     Activations are detached and taken in inference mode; each pass stops as soon as every layer
-    in ``layers`` has fired (the rest of the network is not run).
+    in ``layers`` has fired (the rest of the network is not run), unless ``outputs`` is given: then
+    the passes run to the end and the model's outputs are appended to it.
 
     Raises:
         FireDefenseError: a layer did not run, or returned something other than a tensor.
@@ -160,7 +162,7 @@ def capture_activations(
         def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
             sink(name, tensor_output(name, output).detach())
             pending.discard(name)
-            if not pending:
+            if not pending and outputs is None:
                 raise StopForward
 
         return hook
@@ -169,6 +171,8 @@ def capture_activations(
         for batch in batches:
             pending.update(layers)
             with contextlib.suppress(StopForward):
-                model(batch)
+                output = model(batch)
+                if outputs is not None:
+                    outputs.append(output)
             if pending:
                 raise FireDefenseError(f"layers {sorted(pending)} did not run in the model's forward pass.")

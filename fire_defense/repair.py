@@ -66,6 +66,8 @@ class LayerRepair(nn.Module):
             self.register_buffer("center", torch.zeros(rank, **options))  # projections of the clean mean
             self.register_buffer("cap", torch.zeros(rank, **options))  # clean 1 - fpr quantiles (project)
             self.register_buffer("threshold", torch.zeros((), **options))  # clean quantile of s (gate, detection)
+            # with a condition: the least s of an input the condition selects for it to be repaired (-inf: any)
+            self.register_buffer("select_threshold", torch.full((), float("-inf"), **options))
 
     @torch.no_grad()
     def refresh(self, stats: LayerStatistics, alpha: float, fpr: float, layers: int) -> LayerRepair:

@@ -40,10 +40,11 @@ SELECTIONS = ("repair", "separation", "holdout")
 
 @dataclass(frozen=True)
 class LayerChoice:
-    """The chosen layer and every candidate's scores (by rule: ``repair``, ``separation``, ``holdout``, ...)."""
+    """The chosen layer (and gate quantile) and every candidate's scores (by rule: ``repair``, ``holdout``, ...)."""
 
     layer: str
     scores: dict[str, dict[str, float]]
+    quantile: float | None = None
 
 
 def choose_layer(
@@ -58,6 +59,9 @@ def choose_layer(
     batch_size: int = 256,
     condition: TargetCondition | None = None,
     holdout: float = 0.2,
+    quantiles: Sequence[float | None] = (None,),
+    clean_logits: torch.Tensor | None = None,
+    poisoned_logits: torch.Tensor | None = None,
 ) -> LayerChoice:
     """The candidate (a key of ``statistics``, with poisoned activations kept) that best repairs, by ``select``.
 
@@ -72,6 +76,10 @@ def choose_layer(
         tie: Scores this close count as a tie (``repair`` rule).
         condition: ``holdout``: repair only the inputs it selects (a fitted :class:`TargetCondition`).
         holdout: ``holdout``: share of the clean reference held out of the estimate.
+        quantiles: ``holdout`` with a ``condition``: gate quantiles to choose from with the layer
+            (:func:`gate_threshold`; ``None``: no gate).
+        clean_logits, poisoned_logits: The unrepaired model's outputs on ``clean`` and
+            ``poisoned``, if known (saves passes).
     """
     if select not in SELECTIONS:
         raise FireDefenseError(f"unknown select {select!r}; use one of {', '.join(SELECTIONS)}.")
@@ -81,7 +89,13 @@ def choose_layer(
         best = max(candidates, key=separation.__getitem__)
         return LayerChoice(best, {layer: {"separation": separation[layer]} for layer in candidates})
     if select == "holdout":
-        return _holdout_choice(model, statistics, clean, poisoned, build, condition, holdout, batch_size)
+        with torch.inference_mode():
+            logits = [
+                known if known is not None else torch.cat([model(b) for b in inputs.split(batch_size)])
+                for known, inputs in ((clean_logits, clean), (poisoned_logits, poisoned))
+            ]
+        quantiles = quantiles if condition is not None else (None,)
+        return _holdout_choice(model, statistics, clean, poisoned, *logits, build, condition, holdout, quantiles)
     probe = clean[:probe_clean]
     clean_before = predict(model, probe, batch_size)
     poisoned_before = predict(model, poisoned, batch_size)
@@ -97,48 +111,83 @@ def choose_layer(
     return LayerChoice(max(near_best, key=separation.__getitem__), scores)
 
 
+def gate_threshold(scores: torch.Tensor, selected: torch.Tensor, quantile: float | None) -> float:
+    """The ``quantile`` of the clean ``scores`` of the inputs a condition ``selected``; ``-inf`` for no gate."""
+    if quantile is None or not bool(selected.any()):
+        return float("-inf")
+    return float(torch.quantile(scores[selected].double(), quantile))
+
+
+def _thresholds(
+    repair: LayerRepair, clean: torch.Tensor, selected: torch.Tensor, quantiles: Sequence[float | None]
+) -> dict[float | None, float]:
+    """:func:`gate_threshold` of ``repair``'s scores on ``clean`` activations, at each quantile."""
+    scores = repair.score(clean).cpu()
+    return {q: gate_threshold(scores, selected, q) for q in quantiles}
+
+
 def _holdout_choice(
     model: nn.Module,
     statistics: Mapping[str, LayerStatistics],
     clean: torch.Tensor,
     poisoned: torch.Tensor,
+    clean_logits: torch.Tensor,
+    poisoned_logits: torch.Tensor,
     build: Callable[[str, LayerStatistics], LayerRepair],
     condition: TargetCondition | None,
     holdout: float,
-    batch_size: int,
+    quantiles: Sequence[float | None],
 ) -> LayerChoice:
     """The ``holdout`` rule (module docstring): only inputs that get repaired run through the model again."""
     n_fit = len(clean) - max(1, round(holdout * len(clean)))
     if n_fit < 1:
         raise FireDefenseError(f"select='holdout' needs a clean reference of at least 2 inputs, got {len(clean)}.")
-    with torch.inference_mode():
-        clean_logits = torch.cat([model(b) for b in clean[n_fit:].split(batch_size)])
-        poisoned_logits = torch.cat([model(b) for b in poisoned.split(batch_size)])
-    held_before, poisoned_before = clean_logits.argmax(1), poisoned_logits.argmax(1)
+    before = clean_logits.argmax(1).cpu()
     if condition is None:  # every input is repaired; "moved" means changed
-        clean_selected, poisoned_selected = (torch.ones(len(x), dtype=torch.bool) for x in (clean_logits, poisoned))
+        selected = torch.ones(len(clean), dtype=torch.bool)
+        poisoned_selected = torch.ones(len(poisoned), dtype=torch.bool)
         targets = None
     else:
-        clean_selected, poisoned_selected = condition(clean_logits).cpu(), condition(poisoned_logits).cpu()
+        selected, poisoned_selected = condition(clean_logits).cpu(), condition(poisoned_logits).cpu()
         targets = None if bool(condition.mask.all()) else condition.mask.cpu()  # no target found: as unconditional
+    poisoned_before = poisoned_logits.argmax(1).cpu()
+    held = torch.arange(n_fit, len(clean))
     scores: dict[str, dict[str, float]] = {}
-    for layer in statistics:
-        moved = []
+    best: tuple | None = None
+    for position, layer in enumerate(statistics):
+        stats = statistics[layer]
+        clean_acts = stats.clean_activations().view(-1, *stats.shape)
+        moved = {q: int((~poisoned_selected).sum()) for q in quantiles}  # inputs left alone are no target already
+        poisoned_acts = stats.poisoned_activations().view(-1, *stats.shape)
         for i in poisoned_selected.nonzero().flatten().tolist():
             left_out = i if len(poisoned) > 1 else None  # one poisoned input: scored in sample
-            repair = build(layer, statistics[layer].holdout(n_fit, leave_out=left_out))
+            repair = build(layer, stats.holdout(n_fit, leave_out=left_out))
             with HookHandles(model, [(layer, repair_hook(layer, repair))]):
                 after = int(predict(model, poisoned[i : i + 1])[0])
-            moved.append(after != int(poisoned_before[i]) and (targets is None or not bool(targets[after])))
-        moved_share = (sum(moved) + int((~poisoned_selected).sum())) / len(poisoned)
-        chosen = clean_selected.nonzero().flatten()
-        changed = 0
-        if len(chosen):
-            with HookHandles(model, [(layer, repair_hook(layer, build(layer, statistics[layer].holdout(n_fit))))]):
-                after_clean = predict(model, clean[n_fit:][chosen.to(clean.device)], batch_size)
-            changed = int((torch.as_tensor(after_clean) != held_before.cpu()[chosen]).sum())
-        disturbed = changed / len(held_before)
-        scores[layer] = {"holdout": moved_share - disturbed, "moved": moved_share, "disturbed": disturbed}
-    order = list(statistics)
-    best = max(order, key=lambda layer: (scores[layer]["holdout"], -scores[layer]["disturbed"], -order.index(layer)))
-    return LayerChoice(best, scores)
+            repaired_away = after != int(poisoned_before[i]) and (targets is None or not bool(targets[after]))
+            score = float(repair.score(poisoned_acts[i : i + 1])[0])
+            thresholds = _thresholds(repair, clean_acts[:n_fit], selected[:n_fit], quantiles)
+            for q in quantiles:
+                moved[q] += repaired_away and score > thresholds[q]
+        repair = build(layer, stats.holdout(n_fit))
+        candidates = held[selected[n_fit:]]
+        after_clean = before[candidates]
+        if len(candidates):
+            with HookHandles(model, [(layer, repair_hook(layer, repair))]):
+                after_clean = torch.as_tensor(predict(model, clean[candidates.to(clean.device)]))
+        held_scores = repair.score(clean_acts[candidates]).cpu()
+        thresholds = _thresholds(repair, clean_acts[:n_fit], selected[:n_fit], quantiles)
+        for q in quantiles:
+            changed = int(((after_clean != before[candidates]) & (held_scores > thresholds[q])).sum())
+            entry = {
+                "holdout": moved[q] / len(poisoned) - changed / len(held),
+                "moved": moved[q] / len(poisoned),
+                "disturbed": changed / len(held),
+            }
+            rank = (entry["holdout"], -entry["disturbed"], -position)
+            if best is None or rank > best[0]:
+                best = (rank, layer, q)
+            if layer not in scores or rank[:2] > (scores[layer]["holdout"], -scores[layer]["disturbed"]):
+                scores[layer] = entry if q is None else {**entry, "gate_quantile": q}
+    assert best is not None
+    return LayerChoice(best[1], scores, best[2])
