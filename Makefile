@@ -37,8 +37,9 @@ test: install data lint
 
 # The embedded default (benchmarks/grids/default.yaml): Fashion-MNIST, PreAct-ResNet-18 (width 8),
 # four attacks; records are built once (cached in records/default/), every runtime defense is scored
-# (cells cached in results/cache/: an interrupted run resumes), then the leaderboard, HTML page and
-# plots are written to results/, and FIRE's own latency benchmarks (pytest-benchmark) to results/latency.md.
+# (cells cached in results/cache/: an interrupted run resumes), then each defense is timed, one at a
+# time (cached too), the leaderboard, HTML page and plots are written to results/, and FIRE's own
+# latency benchmarks (pytest-benchmark) to results/latency.md.
 RECORDS ?= records
 RESULTS ?= results
 GRID ?= default

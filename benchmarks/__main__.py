@@ -12,13 +12,15 @@ from fire_defense.errors import run_cli
 
 
 def _fire_report(args: argparse.Namespace) -> None:
-    from fire_bench.fire_report import write_report
-    from fire_bench.runner import find_records
+    from fire_bench.executors import LocalExecutor
+    from fire_bench.fire_report import fire_report
 
-    out = write_report(find_records(args.records), Path(args.out), k=args.k, seed=args.seed, device=args.device)
+    out = Path(args.out)
+    executor = LocalExecutor(args.workers)
+    fire_report(args.records, out, args.grid, args.k, args.seed, executor=executor, device=args.device)
     print((out / "mitigation.md").read_text())
     print((out / "estimation.md").read_text())
-    print(f"written to {out}")
+    print(f"written to {out}: mitigation, choice, k_curve, estimation, and the grid's leaderboard files")
 
 
 def _run(args: argparse.Namespace) -> None:
@@ -50,8 +52,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     report = commands.add_parser("fire-report", help="FIRE's core figures on a folder of records")
     report.add_argument("--records", default="records", help="folder of records (default: records/)")
     report.add_argument("--out", default="results/fire", help="output folder (default: results/fire/)")
-    report.add_argument("--k", type=int, default=10, help="poisoned inputs the defender has seen (default 10)")
-    report.add_argument("--seed", type=int, default=0)
+    report.add_argument("--grid", default="fire", help="the grid to run (default: the shipped fire grid)")
+    report.add_argument("--k", type=int, help="poisoned inputs the defender has seen (default: the grid's, 10)")
+    report.add_argument("--seed", type=int, help="the protocol seed (default: the grid's, 0)")
+    report.add_argument("--workers", type=int, help="local worker processes (default: one per CPU core)")
     report.add_argument("--device", default="auto")
     report.set_defaults(run=_fire_report)
     run = commands.add_parser("run", help="run a benchmark grid and write the leaderboard (make bench)")

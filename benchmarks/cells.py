@@ -1,10 +1,13 @@
-"""One cell of the benchmark: a defense on a record under one protocol seed, computed once and cached.
+"""Cells of the benchmark, computed once and cached: a defense on a record under one protocol seed, and its latency.
 
-A cell's result is a JSON file named by a hash of everything it is computed from (the record's
-bytes, the defense and its parameters, the protocol, the seed, the latency settings), written to
-a temporary file and renamed into place: an interrupted run leaves no partial result, and a
-finished cell is never computed again. Cells run in worker processes (``fire_bench.executors``);
-everything a worker needs travels in the :class:`Cell`.
+A :class:`Cell`'s result is the row :func:`fire_bench.evaluation.evaluate` returns; a
+:class:`LatencyCell`'s is the defense's cost (latency per sample and its ratio to the undefended
+model at each batch size, peak memory, fitting time), measured after every cell, one at a time.
+Each result is a JSON file named by a hash of everything it is computed from (the record's
+content, the defense and its parameters, the protocol, the seed, the latency settings, a code
+version), written atomically: an interrupted run leaves no partial result, and a finished one is
+never computed again. Cells run in worker processes (``fire_bench.executors``); everything a
+worker needs travels in the :class:`Cell`.
 """
 
 from __future__ import annotations
@@ -12,48 +15,93 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import tempfile
 import time
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fire_adapters import ImageSet, Record, load_record, to_tensor
+from fire_adapters import Record, load_record, to_tensor
+from fire_adapters.records import read_record_file
+from fire_bench.atomic import write_json_atomically
 from fire_bench.defenses import RuntimeDefense, create_defense
-from fire_bench.grid import DefenseSpec, KCurve, Latency, Protocol
-from fire_bench.protocol import Split, describe, split_record
+from fire_bench.evaluation import defender, evaluate, protocol_split
+from fire_bench.grid import DefenseSpec, Latency, Protocol
+from fire_bench.protocol import Split
 from fire_bench.timing import interleaved_ratio, peak_memory_mb
 from fire_defense import resolve_device
-from fire_defense.metrics import REJECTED, auroc, backdoor_metrics
 
-__all__ = ["CACHE_VERSION", "Cell", "KCurveCell", "cached_result", "record_fingerprint", "run_cell"]
+__all__ = [
+    "CACHE_VERSION",
+    "TIMING_KEYS",
+    "Cell",
+    "LatencyCell",
+    "cached_result",
+    "record_fingerprint",
+    "run_cell",
+    "run_latency",
+]
 
-CACHE_VERSION = 2  # bump when a change to the code changes what a cell computes
+CACHE_VERSION = 3  # bump when a change to the code changes what a cell computes
+
+TIMING_KEYS = frozenset({"train_seconds"})
+"""Keys of ``attack_result.pt`` that say how long the record took to make, not what it is: not fingerprinted."""
+
+
+def _feed(digest: Any, value: Any) -> None:
+    """Hash ``value`` (nested mappings, sequences, tensors, arrays, scalars) canonically into ``digest``."""
+    if isinstance(value, Mapping):
+        digest.update(b"{")
+        for key in sorted(value, key=lambda k: repr(_scalar(k))):
+            _feed(digest, key)
+            _feed(digest, value[key])
+        digest.update(b"}")
+    elif isinstance(value, list | tuple):
+        digest.update(b"[")
+        for item in value:
+            _feed(digest, item)
+        digest.update(b"]")
+    elif isinstance(value, torch.Tensor):
+        flat = value.detach().cpu().contiguous().reshape(-1)
+        digest.update(f"tensor {value.dtype} {tuple(value.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes())
+    elif isinstance(value, np.ndarray):
+        digest.update(f"array {value.dtype.str} {value.shape};".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    else:
+        digest.update(repr(_scalar(value)).encode() + b";")
+
+
+def _scalar(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value
 
 
 @functools.lru_cache(maxsize=64)
 def record_fingerprint(record_dir: str) -> str:
-    """SHA-256 of a record's ``attack_result.pt`` (the model and the poisoned set's index)."""
+    """SHA-256 of what a cell reads from a record: the content of ``attack_result.pt`` (the model's tensors, the
+    poisoned sets' indices and labels, the attack's parameters; not :data:`TIMING_KEYS`), read with the safe
+    loader, and every PNG in the record's folder (the poisoned images), by path and bytes."""
+    folder, content = read_record_file(record_dir)
     digest = hashlib.sha256()
-    with open(Path(record_dir) / "attack_result.pt", "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
+    _feed(digest, {k: v for k, v in content.items() if k not in TIMING_KEYS})
+    for png in sorted(folder.rglob("*.png")):
+        digest.update(png.relative_to(folder).as_posix().encode() + b"\0")
+        digest.update(png.read_bytes())
     return digest.hexdigest()
 
 
 class _Keyed:
-    """A cell's cache key: a hash of :meth:`identity`."""
+    """A cached result's key: a hash of :meth:`identity`, computed once (and sent along to a worker)."""
 
     prefix = ""
 
     def identity(self) -> dict[str, Any]:
         raise NotImplementedError
 
-    @property
+    @functools.cached_property
     def key(self) -> str:
         digest = hashlib.sha256(json.dumps(self.identity(), sort_keys=True, default=str).encode()).hexdigest()
         return self.prefix + digest[:24]
@@ -61,15 +109,16 @@ class _Keyed:
 
 @dataclass(frozen=True)
 class Cell(_Keyed):
-    """A defense on a record under one seed (module docstring)."""
+    """A defense on a record under one seed (module docstring); ``table``: the output it belongs to
+    (``'leaderboard'``, or ``'k_curve'`` for a point of FIRE's streaming curve)."""
 
     record_dir: str
     defense: DefenseSpec
     protocol: Protocol
     seed: int
-    latency: Latency
     data_root: str | None = None
     device: str = "auto"
+    table: str = "leaderboard"
 
     def identity(self) -> dict[str, Any]:
         """What the result depends on (not where files are or which device runs it)."""
@@ -79,56 +128,33 @@ class Cell(_Keyed):
             "defense": asdict(self.defense),
             "protocol": asdict(self.protocol),
             "seed": self.seed,
-            "latency": asdict(self.latency),
+            "table": self.table,
         }
 
-    @property
+    @functools.cached_property
     def cost(self) -> float:
         """Relative cost, to order the work and estimate the time left: passes per evaluated sample, plus two
-        for the fixed work (loading, fitting, timing)."""
+        for the fixed work (loading, fitting)."""
         return 2 + create_defense(self.defense.name, **self.defense.params).forward_passes
 
 
 @dataclass(frozen=True)
-class KCurveCell(_Keyed):
-    """FIRE's streaming k-curve on one record under one seed."""
+class LatencyCell(_Keyed):
+    """The cost of a :class:`Cell`'s defense, measured under ``latency``'s settings (module docstring)."""
 
-    prefix = "kcurve-"
+    prefix = "latency-"
 
-    record_dir: str
-    curve: KCurve
-    protocol: Protocol
-    seed: int
-    data_root: str | None = None
-    device: str = "auto"
+    cell: Cell
+    latency: Latency
 
     def identity(self) -> dict[str, Any]:
-        return {
-            "version": CACHE_VERSION,
-            "record": record_fingerprint(self.record_dir),
-            "k_curve": asdict(self.curve),
-            "protocol": asdict(self.protocol),
-            "seed": self.seed,
-        }
-
-    @property
-    def cost(self) -> float:
-        """Relative cost (as :attr:`Cell.cost`): FIRE's update and one evaluation pass for each ``k``."""
-        return 2 * len(self.curve.ks) + 2
+        return {**self.cell.identity(), "latency": asdict(self.latency)}
 
 
-def cached_result(cell: Cell | KCurveCell, cache_dir: Path) -> dict[str, Any] | None:
+def cached_result(cell: _Keyed, cache_dir: str | Path) -> dict[str, Any] | None:
     """The cell's stored result, if it was finished before."""
     path = Path(cache_dir) / f"{cell.key}.json"
     return json.loads(path.read_text()) if path.is_file() else None
-
-
-def _write_atomically(path: Path, result: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    with os.fdopen(handle, "w") as out:
-        json.dump(result, out, indent=1)
-    os.replace(temporary, path)
 
 
 @functools.lru_cache(maxsize=2)
@@ -136,122 +162,102 @@ def _load(record_dir: str, data_root: str | None) -> Record:
     return load_record(record_dir, data_root)
 
 
-def _subsample(images: ImageSet, size: int | None, seed: int) -> ImageSet:
-    if size is None or size >= len(images):
-        return images
-    return images.subset(np.sort(np.random.default_rng(seed).choice(len(images), size=size, replace=False)))
+@functools.lru_cache(maxsize=4)
+def _split(record_dir: str, data_root: str | None, clean_size: int, defender_share: float, seed: int) -> Split:
+    """The protocol's split of a record (the same for every defense and ``k``: a worker makes it once)."""
+    record = _load(record_dir, data_root)
+    return protocol_split(record, Protocol(clean_size=clean_size, defender_share=defender_share), seed)
 
 
-def _trigger(record: Record, device: torch.device):
-    """The record's true trigger on ``[0, 1]`` tensors (records made by our factory carry its parameters)."""
-    from fire_adapters.factory import load_attack
-    from fire_adapters.preprocess import to_uint8
-
-    attack = load_attack(record)
-    return lambda x: to_tensor(attack(to_uint8(x)), x.device)
+def _record_and_split(cell: Cell) -> tuple[Record, Split]:
+    protocol = cell.protocol
+    split = _split(cell.record_dir, cell.data_root, protocol.clean_size, protocol.defender_share, cell.seed)
+    return _load(cell.record_dir, cell.data_root), split
 
 
-def _fitted(cell: Cell, record: Record, split: Split, device: torch.device) -> tuple[RuntimeDefense, float]:
-    classifier = record.classifier().to(device)
-    defense = create_defense(cell.defense.name, seed=cell.seed, **cell.defense.params)
-    clean = to_tensor(split.clean_reference.images, device)
-    poisoned = to_tensor(split.poisoned_inputs(cell.protocol.k).images, device) if "poisoned" in defense.needs else None
-    trigger = _trigger(record, device) if "trigger" in defense.needs else None
-    started = time.perf_counter()
-    defense.fit(classifier, clean, poisoned=poisoned, trigger=trigger)
-    return defense, time.perf_counter() - started
-
-
-def _seconds(fn, batch: torch.Tensor) -> float:
-    started = time.perf_counter()
-    fn(batch)
-    return time.perf_counter() - started
-
-
-def _latency(defense: RuntimeDefense, reference: RuntimeDefense, inputs: torch.Tensor, latency: Latency) -> dict:
-    """Seconds per sample and ratios to the undefended model, interleaved in this run, at each batch size."""
-    out = {}
-    for size in latency.batch_sizes:
-        batch = inputs[:size]
-        once = {
-            name: _seconds(fn, batch) for name, fn in (("variant", defense.predict), ("baseline", reference.predict))
-        }
-        repeat = max(1, int(0.02 / max(once["baseline"], 1e-6)))  # >= ~20 ms per timing
-        rounds = min(latency.rounds, max(1, int(latency.max_seconds / (repeat * once["variant"]))))
-        timings: dict[str, list[float]] = {"variant": [], "baseline": []}
-        ratio = interleaved_ratio(
-            functools.partial(defense.predict, batch),
-            functools.partial(reference.predict, batch),
-            rounds,
-            repeat,
-            timings,
-        )
-        out[f"latency_b{size}_ms"] = 1000 * float(np.median(timings["variant"])) / (repeat * len(batch))
-        out[f"latency_b{size}_ratio"] = ratio
-        out[f"latency_b{size}_rounds"] = rounds
-    return out
-
-
-def run_cell(cell: Cell | KCurveCell, cache_dir: str | Path) -> dict[str, Any]:
-    """The cell's result: from the cache, or computed now and written atomically to it."""
-    cache_dir = Path(cache_dir)
+def run_cell(cell: Cell, cache_dir: str | Path) -> dict[str, Any]:
+    """The cell's row: from the cache, or computed now (:func:`fire_bench.evaluation.evaluate`) and cached."""
     found = cached_result(cell, cache_dir)
     if found is not None:
         return found
-    device = resolve_device(cell.device)
-    record = _load(cell.record_dir, cell.data_root)
-    split = split_record(
-        record, seed=cell.seed, clean_size=cell.protocol.clean_size, defender_share=cell.protocol.defender_share
-    )
-    split = replace(  # the evaluation part, capped by a seeded subsample
-        split,
-        clean_eval=_subsample(split.clean_eval, cell.protocol.eval_clean, cell.seed),
-        poisoned_eval=_subsample(split.poisoned_eval, cell.protocol.eval_poisoned, cell.seed + 1),
-    )
-    result = {
-        "key": cell.key,
-        "record": Path(cell.record_dir).name,
-        "dataset": record.dataset.name,
-        "backbone": record.model_name,
-        "attack_name": str(record.metadata.get("attack", Path(cell.record_dir).name)),
-        "ratio": record.metadata.get("pratio", record.metadata.get("attack_params", {}).get("ratio", "")),
-        "seed": cell.seed,
-    }
-    if isinstance(cell, KCurveCell):
-        from fire_bench.fire_report import streaming_curve
-
-        classifier = record.classifier().to(device)
-        result["curve"] = streaming_curve(classifier, split, cell.curve.ks, cell.curve.mode, device=device)
-    else:
-        result.update(_evaluate(cell, record, split, device))
-    _write_atomically(cache_dir / f"{cell.key}.json", result)
+    record, split = _record_and_split(cell)
+    row = evaluate(record, split, cell.defense, cell.protocol, resolve_device(cell.device)).row
+    result = {"key": cell.key, "table": cell.table, **row}
+    write_json_atomically(Path(cache_dir) / f"{cell.key}.json", result)
     return result
 
 
-def _evaluate(cell: Cell, record: Record, split: Split, device: torch.device) -> dict[str, Any]:
-    clean, poisoned = split.clean_eval, split.poisoned_eval
-    defense, fit_seconds = _fitted(cell, record, split, device)
-    clean_x, poisoned_x = to_tensor(clean.images), to_tensor(poisoned.images)
-    on_clean, on_poisoned = defense.decide(clean_x), defense.decide(poisoned_x)
-    metrics = backdoor_metrics(
-        on_clean.labels.numpy(), clean.labels, on_poisoned.labels.numpy(), poisoned.labels, poisoned.targets
-    )
-    out: dict[str, Any] = {
-        "defense_name": cell.defense.label,
-        "defense": cell.defense.name,
-        "params": cell.defense.params,
-        **metrics,
-        "rejects": defense.rejects,
-        "forward_passes": defense.forward_passes,
-        "fit_s": fit_seconds,
-        "split": describe(split),
-    }
-    if defense.rejects:
-        out["tpr"] = float(np.mean(on_poisoned.labels.numpy() == REJECTED))
-        out["fpr"] = float(np.mean(on_clean.labels.numpy() == REJECTED))
-    if on_clean.scores is not None and on_poisoned.scores is not None:
-        out["auroc"] = auroc(on_clean.scores.numpy(), on_poisoned.scores.numpy())
-    reference = create_defense("none").fit(defense.model_, to_tensor(split.clean_reference.images[:1], device))
-    out.update(_latency(defense, reference, clean_x, cell.latency))
-    out["peak_mem_mb"] = peak_memory_mb(lambda: defense.predict(clean_x[: max(cell.latency.batch_sizes)]), device)
+def _seconds(fn: Callable[[], object]) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def _latency(
+    defense: RuntimeDefense, reference: RuntimeDefense, inputs: torch.Tensor, latency: Latency, device: torch.device
+) -> dict[str, Any]:
+    """Per-sample milliseconds and the median ratio to the undefended model, interleaved, at each batch size.
+
+    A first call of each warms it up and sizes the rounds; on the largest batch it also gives the peak memory.
+    Where one round of the defense would already exceed ``max_seconds``, that first call is the measurement.
+    """
+    out: dict[str, Any] = {}
+    for size in latency.batch_sizes:
+        batch = inputs[:size]
+        variant, baseline = functools.partial(defense.predict, batch), functools.partial(reference.predict, batch)
+        if size == max(latency.batch_sizes):  # the first call on the largest batch also gives the peak memory
+            seconds: list[float] = []
+            out["peak_mem_mb"] = peak_memory_mb(lambda v=variant, s=seconds: s.append(_seconds(v)), device)
+            first = seconds[0]
+        else:
+            first = _seconds(variant)
+        first_baseline = _seconds(baseline)
+        repeat = max(1, int(np.ceil(latency.min_seconds / max(first_baseline, 1e-6))))
+        rounds = min(latency.rounds, int(latency.max_seconds / (repeat * first)))
+        timings: dict[str, list[float]] = {}
+        if rounds:
+            ratio = interleaved_ratio(variant, baseline, rounds, repeat, timings, latency.min_rounds, latency.precision)
+        else:
+            timings["variant"], ratio, repeat = [first], first / first_baseline, 1
+        out[f"latency_b{size}_ratio"] = ratio
+        out[f"latency_b{size}_ms"] = 1000 * float(np.median(timings["variant"])) / (repeat * len(batch))
+        out[f"latency_b{size}_rounds"] = len(timings["variant"])
     return out
+
+
+def run_latency(job: LatencyCell, cache_dir: str | Path) -> dict[str, Any]:
+    """The defense's cost: from the cache, or measured now in this process (with ``job.latency.threads``
+    PyTorch threads) and cached. Run one at a time, with nothing else busy on the machine."""
+    found = cached_result(job, cache_dir)
+    if found is not None:
+        return found
+    cell, threads = job.cell, torch.get_num_threads()
+    device = resolve_device(cell.device)
+    record, split = _record_and_split(cell)
+    defense = create_defense(cell.defense.name, seed=cell.seed, **cell.defense.params)
+    data = defender(record, split, defense, cell.protocol, device)
+    torch.set_num_threads(job.latency.threads)
+    try:
+        fit_seconds = _seconds(lambda: data.fit(defense))
+        with torch.inference_mode():
+            forward_seconds = _seconds(lambda: [data.classifier(b) for b in data.inputs.split(defense.batch_size)])
+        reference = create_defense("none").fit(data.classifier, data.clean[:1])
+        inputs = to_tensor(split.clean_eval.images[: max(job.latency.batch_sizes)])
+        result = {
+            "key": job.key,
+            "cell": cell.key,
+            "record": Path(cell.record_dir).name,
+            "dataset": record.dataset.name,
+            "backbone": record.model_name,
+            "defense_name": cell.defense.label,
+            "defense": cell.defense.name,
+            "fit_s": fit_seconds,
+            "fit_inputs": len(data.inputs),
+            "fit_forward_s": forward_seconds,
+            **_latency(defense, reference, inputs, job.latency, device),
+            "threads": job.latency.threads,
+        }
+    finally:
+        torch.set_num_threads(threads)
+    write_json_atomically(Path(cache_dir) / f"{job.key}.json", result)
+    return result

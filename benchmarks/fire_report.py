@@ -1,231 +1,117 @@
-"""FIRE's core figures on a folder of records: mitigation from k poisoned inputs, the streaming k-curve,
-and the cost of estimation, each computed under the protocol of :mod:`fire_bench.protocol`.
+"""FIRE's own figures, a view of the ``fire`` grid (``grids/fire.yaml``): no computation of its own.
 
-``python -m fire_bench fire-report --records records/`` regenerates every figure (tables as
-Markdown and CSV, the k-curve as a plot) into ``results/fire/``.
+``fire-bench fire-report --records records/`` runs that grid like any other
+(:func:`fire_bench.runner.run_grid`: the same cells, cache, latency phase and outputs as the
+leaderboard; by default the protocol's whole evaluation part is scored, as the BackdoorBench plugin
+does) and adds, in the same folder (default ``results/fire/``):
+
+- ``mitigation.{md,csv}``: per record and seed, the undefended model and each FIRE mode from ``k``
+  unpaired poisoned inputs: the layer chosen, the metrics, DER;
+- ``choice.{md,csv}``: per record and seed, the setting FIRE v2 chose from defender data (``fire``)
+  beside the best of the grid's fixed settings (``fire@...``) in hindsight, by poisoned accuracy
+  minus the clean-accuracy drop (``pa - drop``), so the gap the choice leaves is visible;
+- ``estimation.md``: the cost of estimation, each FIRE fit (automatic layer choice) against one
+  forward pass of the inputs it was fitted on, timed in the latency phase;
+- the grid's k-curve (``k_curve.{md,csv,png}``, written with the leaderboard).
 """
 
 from __future__ import annotations
 
-import csv
-import time
-from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-import torch
-from torch import nn
+from fire_bench.evaluation import METRICS, with_der
+from fire_bench.executors import Executor
+from fire_bench.grid import load_grid
+from fire_bench.report import markdown_table, write_csv
+from fire_bench.runner import GridResults, run_grid
 
-from fire_adapters import Record, load_record, to_tensor
-from fire_adapters.training import evaluate
-from fire_bench.protocol import Split, describe, split_record
-from fire_defense import FIRE, resolve_device
-from fire_defense.metrics import defense_effectiveness_rating
-from fire_defense.progress import progress_bar
+__all__ = [
+    "CHOICE_COLUMNS",
+    "ESTIMATION_COLUMNS",
+    "MITIGATION_COLUMNS",
+    "choice_table",
+    "estimation_table",
+    "fire_report",
+    "mitigation_table",
+]
 
-__all__ = ["estimation_cost", "k_curve", "mitigation_table", "streaming_curve", "write_report"]
-
-KS = (1, 2, 5, 10, 20, 50, 100)
-
-
-def _prepare(record: Record, seed: int, device: torch.device) -> tuple[Split, nn.Module]:
-    """The protocol's split of ``record`` and its classifier on ``device`` (moving ``record.model`` there)."""
-    return split_record(record, seed=seed), record.classifier().to(device)
-
-
-def _score(classifier: nn.Module, split: Split, device: torch.device) -> dict[str, float]:
-    return evaluate(classifier, split.clean_eval, split.poisoned_eval, device)
+MITIGATION_COLUMNS = ("attack_name", "record", "seed", "defense_name", "k", "setting", *METRICS, "der")
+CHOICE_COLUMNS = ("attack_name", "record", "seed", "chosen", "chosen_pa_minus_drop", "best", "best_pa_minus_drop")
+ESTIMATION_COLUMNS = ("record", "defense_name", "fit_inputs", "fit_forward_s", "fit_s", "fit_ratio")
 
 
-def _attack(record: Record) -> str:
-    return str(record.metadata.get("attack", record.path.name))
+def mitigation_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The grid's leaderboard cells (the undefended model and FIRE's modes), each with its DER."""
+    return [row for row in with_der(rows) if row["table"] == "leaderboard"]
 
 
-def mitigation_table(
-    records: Sequence[Record], modes: Sequence[str], k: int, seed: int = 0, device: str | None = None
-) -> list[dict[str, Any]]:
-    """One row per record and mode: the undefended model, then FIRE from ``k`` unpaired poisoned inputs.
+def choice_table(rows: list[dict[str, Any]], chosen: str = "fire", fixed: str = "fire@") -> list[dict[str, Any]]:
+    """Per record and seed: the ``chosen`` row's setting and score beside the best ``fixed`` row in hindsight.
 
-    All scored on the evaluation part of the protocol's split.
+    The score is poisoned accuracy minus the drop in clean accuracy from the undefended model (``none``).
     """
-    device = resolve_device(device)
-    rows = []
-    for record in progress_bar(records, desc="mitigation", unit="record"):
-        split, classifier = _prepare(record, seed, device)
-        before = _score(classifier, split, device)
-        rows.append({"attack": _attack(record), "defense": "none", "k": 0, "layer": "", **before, "der": ""})
-        clean, seen = (
-            to_tensor(split.clean_reference.images, device),
-            to_tensor(split.poisoned_inputs(k).images, device),
+    table = []
+    cells = mitigation_table(rows)
+    for key in dict.fromkeys((row["record"], row["seed"]) for row in cells):
+        same = [row for row in cells if (row["record"], row["seed"]) == key]
+        base = next((row for row in same if row["defense"] == "none"), None)
+        mine = next((row for row in same if row["defense_name"] == chosen), None)
+        others = [row for row in same if row["defense_name"].startswith(fixed)]
+        if base is None or mine is None or not others:
+            continue
+
+        def score(row: dict[str, Any], base: dict[str, Any] = base) -> float:
+            return row["test_ra"] - max(0.0, base["test_acc"] - row["test_acc"])
+
+        best = max(others, key=score)
+        table.append(
+            {
+                "attack_name": mine["attack_name"],
+                "record": key[0],
+                "seed": key[1],
+                "chosen": mine["setting"],
+                "chosen_pa_minus_drop": score(mine),
+                "best": best["defense_name"],
+                "best_pa_minus_drop": score(best),
+            }
         )
-        for mode in modes:
-            fire = FIRE(classifier, layers="auto", mode=mode).fit(clean, poisoned=seen)
-            after = _score(fire.module(), split, device)
-            der = defense_effectiveness_rating(
-                before["test_asr"], after["test_asr"], before["test_acc"], after["test_acc"]
-            )
-            rows.append(
-                {
-                    "attack": _attack(record),
-                    "defense": f"fire-{mode}",
-                    "k": k,
-                    "layer": fire.layers_[0],
-                    **after,
-                    "der": der,
-                }
-            )
-    return rows
+    return table
 
 
-def streaming_curve(
-    classifier: nn.Module, split: Split, ks: Sequence[int] = KS, mode: str = "gate", warmup: int = 5, device=None
-) -> list[dict[str, Any]]:
-    """Streaming FIRE on one split: poisoned inputs arrive one at a time; metrics after ``k`` of them, for each ``k``.
-
-    The layer is chosen (``layers='auto'``) from the first ``min(k, warmup)`` inputs, the only ones
-    kept; from then on the running estimates are updated input by input. (The clean reference's
-    activations are kept too, to calibrate the gate.)
-    """
-    device = resolve_device(device)
-    stream = to_tensor(split.poisoned_inputs(max(ks)).images, device)
-    clean = to_tensor(split.clean_reference.images, device)
-    layer, fire, seen, chosen_from, rows = None, None, 0, {}, []
-    for k in sorted(ks):
-        first = min(k, warmup)
-        if first not in chosen_from:
-            chosen_from[first] = (
-                FIRE(classifier, layers="auto", mode=mode).fit(clean, poisoned=stream[:first]).layers_[0]
-            )
-        if chosen_from[first] != layer:  # (re)start the running estimates at the chosen layer
-            layer, seen = chosen_from[first], 0
-            fire = FIRE(classifier, layers=layer, mode=mode).partial_fit(clean=clean)
-        fire.partial_fit(poisoned=[sample[None] for sample in stream[seen:k]])
-        seen = k
-        rows.append({"mode": mode, "k": k, "layer": layer, **_score(fire.module(), split, device)})
-    return rows
+def estimation_table(timings: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each timed defense but the undefended model: its fitting time and its ratio to one forward pass of its inputs."""
+    return [{**t, "fit_ratio": t["fit_s"] / t["fit_forward_s"]} for t in timings if t["defense"] != "none"]
 
 
-def k_curve(
-    records: Sequence[Record],
-    ks: Sequence[int] = KS,
-    mode: str = "gate",
-    warmup: int = 5,
-    seed: int = 0,
-    device: str | None = None,
-) -> list[dict[str, Any]]:
-    """:func:`streaming_curve` on each record's protocol split, one row per record and ``k``."""
-    device = resolve_device(device)
-    rows = []
-    for record in progress_bar(records, desc="k-curve", unit="record"):
-        split, classifier = _prepare(record, seed, device)
-        rows += [
-            {"attack": _attack(record), **row} for row in streaming_curve(classifier, split, ks, mode, warmup, device)
-        ]
-    return rows
-
-
-def estimation_cost(
-    record: Record, k: int = 10, repeats: int = 5, seed: int = 0, device: str | None = None
-) -> dict[str, float]:
-    """Seconds to fit FIRE (500 clean + ``k`` poisoned) against one forward pass of those inputs, median of repeats."""
-    device = resolve_device(device)
-    split, classifier = _prepare(record, seed, device)
-    clean, seen = to_tensor(split.clean_reference.images, device), to_tensor(split.poisoned_inputs(k).images, device)
-    both = torch.cat([clean, seen])
-
-    def median_seconds(fn) -> float:
-        times = []
-        for _ in range(repeats):
-            started = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - started)
-        return float(np.median(times))
-
-    with torch.inference_mode():
-        forward = median_seconds(lambda: [classifier(b) for b in both.split(256)])
-    layer = FIRE(classifier, layers="auto").fit(clean, poisoned=seen).layers_[0]
-    named = median_seconds(lambda: FIRE(classifier, layers=layer).fit(clean, poisoned=seen))
-    auto = median_seconds(lambda: FIRE(classifier, layers="auto").fit(clean, poisoned=seen))
-    return {
-        "forward_s": forward,
-        "fit_named_layer_s": named,
-        "fit_auto_layer_s": auto,
-        "ratio_named": named / forward,
-        "ratio_auto": auto / forward,
-        "inputs": len(both),
-        "layer": layer,
-    }
-
-
-def _write_table(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    columns = list(rows[0])
-    with open(path.with_suffix(".csv"), "w", newline="") as handle:
-        writer = csv.DictWriter(handle, columns)
-        writer.writeheader()
-        writer.writerows(rows)
-
-    def cell(value: Any, column: str) -> str:
-        if column.startswith("test_") and value != "":
-            return f"{100 * value:.2f}"
-        return f"{value:.3f}" if isinstance(value, float) else str(value)
-
-    lines = [
-        "| " + " | ".join(c.replace("test_", "") + (" (%)" if c.startswith("test_") else "") for c in columns) + " |",
-        "|" + "---|" * len(columns),
-    ]
-    lines += ["| " + " | ".join(cell(row[c], c) for c in columns) + " |" for row in rows]
-    path.with_suffix(".md").write_text("\n".join(lines) + "\n")
-
-
-def _plot_k_curve(rows: Sequence[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for attack in dict.fromkeys(r["attack"] for r in rows):
-        points = [(r["k"], 100 * r["test_ra"]) for r in rows if r["attack"] == attack]
-        axis.plot(*zip(*points, strict=True), marker="o", label=attack)
-    axis.set(
-        xscale="log",
-        xlabel="poisoned inputs seen (k)",
-        ylabel="poisoned accuracy (%)",
-        title=f"FIRE streaming ({rows[0]['mode']}): accuracy on poisoned inputs vs k",
-    )
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def write_report(
-    record_dirs: Sequence[Path],
-    out: Path,
-    k: int = 10,
-    ks: Sequence[int] = KS,
-    seed: int = 0,
-    device: str | None = None,
-    repeats: int = 5,
-) -> Path:
-    """Compute every figure; write ``mitigation.{md,csv}``, ``k_curve.{md,csv,png}``, ``estimation.md`` to ``out``."""
-    out.mkdir(parents=True, exist_ok=True)
-    records = [load_record(path) for path in record_dirs]
-    mitigation = mitigation_table(records, ("shift", "project", "gate"), k, seed, device)
-    _write_table(mitigation, out / "mitigation")
-    curve = k_curve(records, ks, seed=seed, device=device)
-    _write_table(curve, out / "k_curve")
-    _plot_k_curve(curve, out / "k_curve.png")
-    cost = estimation_cost(records[0], k, repeats=repeats, seed=seed, device=device)
+def fire_report(
+    records: str | Path,
+    out: str | Path = "results/fire",
+    grid: str | Path = "fire",
+    k: int | None = None,
+    seed: int | None = None,
+    executor: Executor | None = None,
+    device: str = "auto",
+) -> GridResults:
+    """Run ``grid`` (``k`` and ``seed``, if given, replace its protocol's ``k`` and its seeds) on the records in
+    ``records`` and write FIRE's figures (module docstring) beside its outputs in ``out``."""
+    chosen = load_grid(grid)
+    if k is not None:
+        chosen = replace(chosen, protocol=replace(chosen.protocol, k=k))
+    if seed is not None:
+        chosen = replace(chosen, seeds=(seed,))
+    out = Path(out)
+    results = run_grid(chosen, out, records=records, executor=executor, device=device)
+    mitigation = mitigation_table(results.rows)
+    write_csv(mitigation, MITIGATION_COLUMNS, out / "mitigation.csv")
+    (out / "mitigation.md").write_text(markdown_table(mitigation, MITIGATION_COLUMNS))
+    choice = choice_table(results.rows)
+    write_csv(choice, CHOICE_COLUMNS, out / "choice.csv")
+    (out / "choice.md").write_text(markdown_table(choice, CHOICE_COLUMNS))
     (out / "estimation.md").write_text(
-        f"FIRE estimation on {records[0].path.name}: {cost['inputs']} inputs (500 clean + {k} poisoned).\n\n"
-        f"- one forward pass of them: {cost['forward_s']:.3f} s\n"
-        f"- fit at a named layer ({cost['layer']}): {cost['fit_named_layer_s']:.3f} s = {cost['ratio_named']:.2f}x\n"
-        f"- fit with automatic layer choice: {cost['fit_auto_layer_s']:.3f} s = {cost['ratio_auto']:.2f}x\n"
+        "FIRE's estimation, timed in the latency phase: seconds to fit (automatic layer choice) against one "
+        "forward pass of the same inputs (the clean reference and the k poisoned inputs).\n\n"
+        + markdown_table(estimation_table(results.timings), ESTIMATION_COLUMNS)
     )
-    (out / "protocol.md").write_text(describe(split_record(records[0], seed=seed)) + "\n")
-    return out
+    return results

@@ -61,23 +61,41 @@ class DefenseSpec:
 
 @dataclass(frozen=True)
 class Latency:
-    """Per-sample latency: at each batch size, the median over ``rounds`` of interleaved timings.
+    """Per-sample latency, measured after every cell, one defense at a time (``fire_bench.cells.LatencyCell``).
 
-    A defense that makes many forward passes gets fewer rounds (at least one): as many as fit in
-    ``max_seconds`` of its own time per batch size. Its ratio is large, so one round measures it well.
+    At each batch size: the median over up to ``rounds`` of the defense's time over the undefended
+    model's, the two alternated, each timed over at least ``min_seconds``; after ``min_rounds``, the
+    timing stops once the median's standard error is below ``precision`` of it. A defense that makes
+    many forward passes gets fewer rounds: as many as fit in ``max_seconds`` of its own time per
+    batch size, or only its first call if one round would not fit; its ratio is large, so that
+    measures it well. ``threads``: PyTorch's intra-op threads while timing.
     """
 
     batch_sizes: tuple[int, ...] = (1, 128)
-    rounds: int = 5
-    max_seconds: float = 5.0
+    rounds: int = 21
+    min_rounds: int = 5
+    precision: float = 0.01
+    min_seconds: float = 0.03
+    max_seconds: float = 2.5
+    threads: int = 1
 
 
 @dataclass(frozen=True)
 class KCurve:
-    """FIRE's streaming mode: poisoned accuracy after each ``k`` poisoned inputs seen."""
+    """FIRE's streaming mode (the ``fire-stream`` defense): its metrics after each ``k`` poisoned inputs seen.
+
+    Each ``k`` is an ordinary cell, the protocol's ``k`` set to it; ``warmup``: how many of the first
+    inputs choose the layer (``fire_bench.defenses.fire_stream``).
+    """
 
     ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
-    mode: str = "gate"
+    mode: str = "match"
+    warmup: int = 5
+
+    @property
+    def defense(self) -> DefenseSpec:
+        """The streaming defense every cell of the curve runs."""
+        return DefenseSpec("fire-stream", {"mode": self.mode, "warmup": self.warmup})
 
 
 @dataclass(frozen=True)
@@ -90,7 +108,7 @@ class Grid:
     records: str | None = None  # a folder of records (ours or BackdoorBench's record/), instead of make
     protocol: Protocol = Protocol()
     seeds: tuple[int, ...] = (0,)
-    latency: Latency = Latency()
+    latency: Latency | None = Latency()  # None: no latency phase
     k_curve: KCurve | None = KCurve()
 
 

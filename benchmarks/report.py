@@ -1,11 +1,16 @@
-"""The benchmark's outputs: the leaderboard (Markdown, CSV, a sortable HTML page), plots, and a summary.
+"""The benchmark's outputs: the leaderboard (Markdown, CSV, a sortable HTML page), the k-curve, plots, a summary.
 
 Rows aggregate a record's cells over the protocol seeds (mean, and the standard deviation in
 ``*_std`` columns). BackdoorBench's columns come first (``dataset, backbone, attack_name,
 defense_name, ratio, test_acc, test_asr, test_ra``), then ours: DER against the undefended model
 on the same record and seed, detection figures (TPR, FPR, AUROC) where a defense rejects or
-scores, forward passes per sample, latency per sample at each batch size and its ratio to the
-undefended model measured in the same cell, peak memory.
+scores, forward passes per sample, then the latency phase's measurements of that defense on the
+same dataset and backbone (latency per sample at each batch size and its ratio to the undefended
+model, peak memory, fitting time). The summary says whether the latency can be trusted: the
+undefended model timed against itself must read 1.00 +- :data:`LATENCY_TOLERANCE`.
+
+The Markdown/CSV writers and the k-curve plot here are the only ones; ``fire_bench.fire_report``
+uses them too.
 """
 
 from __future__ import annotations
@@ -16,66 +21,87 @@ import json
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from fire_bench.evaluation import METRICS, with_der
 from fire_bench.grid import Grid
-from fire_defense.metrics import defense_effectiveness_rating
 
-__all__ = ["leaderboard", "write_outputs"]
+if TYPE_CHECKING:
+    from fire_bench.runner import GridResults
+
+__all__ = [
+    "LATENCY_TOLERANCE",
+    "latency_check",
+    "leaderboard",
+    "markdown_table",
+    "plot_k_curve",
+    "write_csv",
+    "write_outputs",
+]
 
 KEYS = ("dataset", "backbone", "attack_name", "defense_name", "ratio")
-PERCENT = ("test_acc", "test_asr", "test_ra", "der", "tpr", "fpr", "auroc")
+PERCENT = (*METRICS, "der", "tpr", "fpr", "auroc")
+COSTS = ("peak_mem_mb", "fit_s")  # besides the latency_* columns, what the latency phase adds to a row
+K_CURVE_COLUMNS = ("attack_name", "record", "seed", "k", "layers", *METRICS, "der")
+LATENCY_TOLERANCE = 0.05
 
 
-def _with_der(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each defense cell with its DER against the undefended model on the same record and seed."""
-    undefended = {(c["record"], c["seed"]): c for c in cells if c.get("defense") == "none"}
-    rows = []
-    for cell in cells:
-        if "curve" in cell:
-            continue
-        base = undefended.get((cell["record"], cell["seed"]))
-        der = (
-            defense_effectiveness_rating(base["test_asr"], cell["test_asr"], base["test_acc"], cell["test_acc"])
-            if base
-            else None
-        )
-        rows.append({**cell, "der": der})
-    return rows
+def _timed(timings: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], dict[str, Any]]:
+    """The latency phase's measurements by dataset, backbone and defense label, with only the columns rows get."""
+    return {
+        (t["dataset"], t["backbone"], t["defense_name"]): {
+            k: v for k, v in t.items() if k.startswith("latency_") or k in COSTS
+        }
+        for t in timings
+    }
 
 
-def leaderboard(cells: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per record and defense: means over seeds, ``*_std`` spreads, in the grid's order."""
+def leaderboard(rows: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
+    """One row per record and defense of the leaderboard's cells: means over seeds, ``*_std`` spreads, in the
+    grid's order, with the latency phase's measurements of the same dataset, backbone and defense."""
+    timed = _timed(timings)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for row in _with_der(cells):
-        groups[(row["record"], *(row[k] for k in KEYS))].append(row)
-    numeric = [
-        "test_acc",
-        "test_asr",
-        "test_ra",
-        "der",
-        "tpr",
-        "fpr",
-        "auroc",
-        "forward_passes",
-        *sorted({k for rows in groups.values() for k in rows[0] if k.startswith("latency_")}),
-        "peak_mem_mb",
-        "fit_s",
-    ]
+    for row in with_der(rows):
+        if row["table"] == "leaderboard":
+            groups[(row["record"], *(row[k] for k in KEYS))].append(row)
+    numeric = ["test_acc", "test_asr", "test_ra", "der", "tpr", "fpr", "auroc", "forward_passes"]
     board = []
-    for (_, *keys), rows in groups.items():
+    for (_, *keys), members in groups.items():
         entry: dict[str, Any] = dict(zip(KEYS, keys, strict=True))
         for column in numeric:
-            values = [r[column] for r in rows if r.get(column) is not None]
+            values = [r[column] for r in members if r.get(column) is not None]
             entry[column] = float(np.mean(values)) if values else None
             if column in ("test_acc", "test_asr", "test_ra", "der") and len(values) > 1:
                 entry[f"{column}_std"] = float(np.std(values))
-        entry["seeds"] = len(rows)
-        entry["split"] = rows[0]["split"]
+        entry.update(timed.get((entry["dataset"], entry["backbone"], entry["defense_name"]), {}))
+        entry["seeds"] = len(members)
+        entry["split"] = members[0]["split"]
         board.append(entry)
     return board
+
+
+def latency_check(timings: Sequence[dict[str, Any]], tolerance: float = LATENCY_TOLERANCE) -> str:
+    """One line: whether the undefended model, timed against itself, reads 1.00 +- ``tolerance`` at every batch
+    size of every dataset and backbone (if not, the machine was busy and the latency ratios are noise)."""
+    readings = [
+        (t["dataset"], t["backbone"], key.removeprefix("latency_").removesuffix("_ratio"), value)
+        for t in timings
+        if t["defense_name"] == "none"
+        for key, value in t.items()
+        if key.startswith("latency_") and key.endswith("_ratio")
+    ]
+    if not readings:
+        return "latency check: not measured (no latency phase, or no 'none' defense timed)."
+    shown = ", ".join(f"{value:.3f} at {size} ({dataset}, {backbone})" for dataset, backbone, size, value in readings)
+    if all(abs(value - 1) <= tolerance for *_, value in readings):
+        return f"latency check: ok, the undefended model against itself reads {shown} (1.00 +- {tolerance:.2f})."
+    return (
+        f"latency check: FAILED, the undefended model against itself reads {shown}, not 1.00 +- {tolerance:.2f}: "
+        "the latency columns are noise. Rerun on an idle machine (or with more latency rounds) after deleting "
+        "cache/latency-*.json."
+    )
 
 
 def _cell(value: Any, column: str) -> str:
@@ -84,7 +110,7 @@ def _cell(value: Any, column: str) -> str:
     if column.removesuffix("_std") in PERCENT:
         return f"{100 * value:.2f}"
     if isinstance(value, float):
-        return f"{value:.3g}" if "latency" in column or column == "peak_mem_mb" else f"{value:.2f}"
+        return f"{value:.3g}" if "latency" in column or column in COSTS or column.endswith("_s") else f"{value:.2f}"
     return str(value)
 
 
@@ -94,18 +120,19 @@ def _columns(board: Sequence[dict[str, Any]]) -> list[str]:
     return [c for c in columns if not c.endswith("_std")] + [c for c in columns if c.endswith("_std")]
 
 
-def _write_csv(board: Sequence[dict[str, Any]], path: Path) -> None:
-    columns = [*_columns(board), "split"]
+def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
+    """``rows`` as CSV with ``columns`` (others left out), raw values."""
     with open(path, "w", newline="") as handle:
         writer = csv.DictWriter(handle, columns, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(board)
+        writer.writerows(rows)
 
 
-def _markdown(board: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """``rows`` as a Markdown table of ``columns``: accuracies, rates and DER in percent (marked ``(%)``)."""
     header = [c + (" (%)" if c.removesuffix("_std") in PERCENT else "") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |" for row in board]
+    lines += ["| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -148,12 +175,44 @@ img {{ max-width: 48%; margin: 1em 1% 0 0; }}
 """
 
 
-def _plots(board: Sequence[dict[str, Any]], curves: Sequence[dict[str, Any]], out: Path) -> None:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot_k_curve(curve: Sequence[dict[str, Any]], path: Path) -> None:
+    """Poisoned accuracy against ``k`` from the k-curve's rows, one line per attack (mean over seeds, their spread
+    as error bars)."""
+    plt = _pyplot()
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for attack in dict.fromkeys(r["attack_name"] for r in curve):
+        by_k: dict[int, list[float]] = defaultdict(list)
+        for r in curve:
+            if r["attack_name"] == attack:
+                by_k[r["k"]].append(100 * r["test_ra"])
+        ks = sorted(by_k)
+        spread = [np.std(by_k[k]) for k in ks] if any(len(v) > 1 for v in by_k.values()) else None
+        axis.errorbar(ks, [np.mean(by_k[k]) for k in ks], yerr=spread, marker="o", label=attack)
+    modes = ", ".join(dict.fromkeys(str(r["params"].get("mode", "")) for r in curve))
+    axis.set(
+        xscale="log",
+        xlabel="poisoned inputs seen (k)",
+        ylabel="poisoned accuracy (%)",
+        title=f"FIRE streaming ({modes}): accuracy on poisoned inputs vs k",
+    )
+    axis.grid(alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+
+
+def _plots(board: Sequence[dict[str, Any]], out: Path) -> None:
+    plt = _pyplot()
     defenses = list(dict.fromkeys(r["defense_name"] for r in board))
     attacks = list(dict.fromkeys(r["attack_name"] for r in board))
     colours = {d: plt.cm.tab20(i % 20) for i, d in enumerate(defenses)}
@@ -193,54 +252,30 @@ def _plots(board: Sequence[dict[str, Any]], curves: Sequence[dict[str, Any]], ou
     figure.savefig(out / "per_attack.png", dpi=120)
     plt.close(figure)
 
-    if curves:
-        figure, axis = plt.subplots(figsize=(6, 4))
-        for attack in dict.fromkeys(c["attack_name"] for c in curves):
-            runs = [c["curve"] for c in curves if c["attack_name"] == attack]
-            ks = [p["k"] for p in runs[0]]
-            ra = 100 * np.array([[p["test_ra"] for p in run] for run in runs])
-            axis.errorbar(ks, ra.mean(0), yerr=ra.std(0) if len(runs) > 1 else None, marker="o", label=attack)
-        axis.set(
-            xscale="log", xlabel="poisoned inputs seen (k)", ylabel="poisoned accuracy (%)", title="FIRE streaming"
-        )
-        axis.grid(alpha=0.3)
-        axis.legend()
-        figure.tight_layout()
-        figure.savefig(out / "k_curve.png", dpi=120)
-        plt.close(figure)
 
-
-def write_outputs(grid: Grid, cells: Sequence[dict[str, Any]], out: Path, seconds: float) -> list[dict[str, Any]]:
-    """Write the leaderboard (md, csv, html), ``k_curve.csv``, the plots and ``summary.txt``; print the summary."""
+def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -> list[dict[str, Any]]:
+    """Write the leaderboard (md, csv, html), the k-curve (md, csv, png), the plots, ``cells.json``,
+    ``timings.json`` and ``summary.txt``; print the summary."""
     out.mkdir(parents=True, exist_ok=True)
-    board = leaderboard(cells)
-    curves = [c for c in cells if "curve" in c]
+    board = leaderboard(results.rows, results.timings)
+    check = latency_check(results.timings)
     columns = [c for c in _columns(board) if not c.endswith("_std") or c == "test_ra_std"]
     split = board[0]["split"] if board else ""
-    notes = [f"Grid {grid.name!r}; protocol: {split}.", f"Wall time {seconds / 60:.1f} min."]
+    notes = [f"Grid {grid.name!r}; protocol: {split}.", check, f"Wall time {seconds / 60:.1f} min."]
     (out / "leaderboard.md").write_text(
-        f"# Leaderboard: {grid.name}\n\n" + "\n\n".join(notes) + "\n\n" + _markdown(board, columns)
+        f"# Leaderboard: {grid.name}\n\n" + "\n\n".join(notes) + "\n\n" + markdown_table(board, columns)
     )
-    _write_csv(board, out / "leaderboard.csv")
+    write_csv(board, [*_columns(board), "split"], out / "leaderboard.csv")
     (out / "leaderboard.html").write_text(_html(board, columns, f"fire-defense leaderboard: {grid.name}", notes))
-    with open(out / "k_curve.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["attack_name", "record", "seed", "k", "layer", "test_acc", "test_asr", "test_ra"])
-        for c in curves:
-            for p in c["curve"]:
-                writer.writerow(
-                    [
-                        c["attack_name"],
-                        c["record"],
-                        c["seed"],
-                        p["k"],
-                        p["layer"],
-                        *(p[m] for m in ("test_acc", "test_asr", "test_ra")),
-                    ]
-                )
-    (out / "cells.json").write_text(json.dumps(list(cells), indent=1))
-    _plots(board, curves, out)
-    summary = _summary(board, grid, seconds)
+    curve = [r for r in with_der(results.rows) if r["table"] == "k_curve"]
+    if curve:
+        write_csv(curve, K_CURVE_COLUMNS, out / "k_curve.csv")
+        (out / "k_curve.md").write_text(markdown_table(curve, K_CURVE_COLUMNS))
+        plot_k_curve(curve, out / "k_curve.png")
+    (out / "cells.json").write_text(json.dumps(list(results.rows), indent=1))
+    (out / "timings.json").write_text(json.dumps(list(results.timings), indent=1))
+    _plots(board, out)
+    summary = _summary(board, grid, seconds) + check + "\n"
     (out / "summary.txt").write_text(summary)
     print(summary)
     return board

@@ -1,7 +1,14 @@
-"""Run a grid: build or find its records, run every cell through an executor, write the leaderboard.
+"""Run a grid: build or find its records, run every cell through an executor, time the defenses, write the outputs.
 
-``fire-bench run --grid default`` is ``make bench``'s job. Finished cells are read from
-``<out>/cache/``; only the missing ones run, so an interrupted run resumes where it stopped.
+``fire-bench run --grid default`` is ``make bench``'s job; ``fire-bench fire-report`` runs the
+``fire`` grid the same way. Two phases, both cached in ``<out>/cache/`` (only what is missing
+runs, so an interrupted run resumes where it stopped):
+
+1. the cells (:class:`fire_bench.cells.Cell`: every defense on every record under every seed, and
+   the k-curve's points), in parallel through the executor; no cell times anything;
+2. the latency cells (:class:`fire_bench.cells.LatencyCell`), one at a time in this process, with
+   no worker left running: latency depends on the model and the defense, not on the attack, so
+   each defense is timed once per dataset x backbone, on its first record, under the first seed.
 """
 
 from __future__ import annotations
@@ -9,18 +16,28 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm.auto import tqdm
 
 from fire_adapters import RECORD_FILE
-from fire_bench.cells import Cell, KCurveCell, cached_result, run_cell
+from fire_bench.cells import Cell, LatencyCell, cached_result, run_cell, run_latency
 from fire_bench.executors import Executor, LocalExecutor
 from fire_bench.grid import Grid
 from fire_defense import FireDefenseError
 
-__all__ = ["find_records", "grid_cells", "run_grid"]
+__all__ = ["GridResults", "find_records", "grid_cells", "latency_cells", "run_grid"]
+
+_BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left{postfix}]"
+
+
+class GridResults(NamedTuple):
+    """What a grid computed: one row per cell (in :func:`grid_cells`' order) and one per latency cell."""
+
+    rows: list[dict[str, Any]]
+    timings: list[dict[str, Any]]
 
 
 def find_records(folder: str | Path) -> list[Path]:
@@ -51,21 +68,39 @@ def _made_records(grid: Grid, records_root: Path, data_root: str | None, device:
 
 def grid_cells(
     grid: Grid, record_dirs: Sequence[Path], data_root: str | None = None, device: str = "auto"
-) -> list[Cell | KCurveCell]:
-    """Every cell of ``grid`` on ``record_dirs``: record x seed x defense, then the k-curves."""
-    cells: list[Cell | KCurveCell] = [
-        Cell(str(path), defense, grid.protocol, seed, grid.latency, data_root, device)
+) -> list[Cell]:
+    """Every cell of ``grid`` on ``record_dirs``: record x seed x defense, then record x seed x each ``k`` of the
+    k-curve (the streaming defense, the protocol's ``k`` set to that point)."""
+    cells = [
+        Cell(str(path), defense, grid.protocol, seed, data_root, device)
         for path in record_dirs
         for seed in grid.seeds
         for defense in grid.defenses
     ]
     if grid.k_curve is not None:
         cells += [
-            KCurveCell(str(path), grid.k_curve, grid.protocol, seed, data_root, device)
+            Cell(str(path), grid.k_curve.defense, replace(grid.protocol, k=k), seed, data_root, device, "k_curve")
             for path in record_dirs
             for seed in grid.seeds
+            for k in grid.k_curve.ks
         ]
     return cells
+
+
+def latency_cells(grid: Grid, cells: Sequence[Cell], rows: Sequence[dict[str, Any]]) -> list[LatencyCell]:
+    """The leaderboard's defenses, each timed once per dataset x backbone (read from the cells' ``rows``): on the
+    first record of each, under the grid's first seed. None without a ``latency`` section."""
+    if grid.latency is None:
+        return []
+    first: dict[tuple[str, str], str] = {}
+    for cell, row in zip(cells, rows, strict=True):
+        first.setdefault((row["dataset"], row["backbone"]), cell.record_dir)
+    timed = set(first.values())
+    return [
+        LatencyCell(cell, grid.latency)
+        for cell in cells
+        if cell.table == "leaderboard" and cell.seed == grid.seeds[0] and cell.record_dir in timed
+    ]
 
 
 def run_grid(
@@ -76,8 +111,8 @@ def run_grid(
     data_root: str | None = None,
     executor: Executor | None = None,
     device: str = "auto",
-) -> list[dict[str, Any]]:
-    """Run ``grid`` and write its outputs to ``out`` (see :mod:`fire_bench.report`); returns the cell results.
+) -> GridResults:
+    """Run ``grid`` (module docstring) and write its outputs to ``out`` (see :mod:`fire_bench.report`).
 
     Args:
         records: A folder of existing records; overrides the grid's own ``records`` / ``make``.
@@ -99,15 +134,22 @@ def run_grid(
     # when cheap and costly cells alternate
     todo = sorted((cell for cell in cells if cell.key not in results), key=lambda cell: (cell.record_dir, -cell.cost))
     tqdm.write(f"{grid.name}: {len(cells)} cells, {len(results)} cached, {len(todo)} to run")
-    bar = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left{postfix}]"
-    with tqdm(total=sum(cell.cost for cell in todo), desc="cells", bar_format=bar) as progress:
+    with tqdm(total=sum(cell.cost for cell in todo), desc="cells", bar_format=_BAR) as progress:
         for done, (cell, result) in enumerate(executor.map(functools.partial(run_cell, cache_dir=cache), todo), 1):
             results[cell.key] = result
-            label = cell.defense.label if isinstance(cell, Cell) else "k-curve"
-            progress.set_postfix_str(f"{done}/{len(todo)} cells, last {Path(cell.record_dir).name} {label}", False)
+            last = f"{Path(cell.record_dir).name} {cell.defense.label}"
+            progress.set_postfix_str(f"{done}/{len(todo)} cells, last {last}", False)
             progress.update(cell.cost)
+    rows = [results[cell.key] for cell in cells]
+
+    jobs = latency_cells(grid, cells, rows)
+    timings = {job.key: found for job in jobs if (found := cached_result(job, cache)) is not None}
+    todo_timing = [job for job in jobs if job.key not in timings]
+    tqdm.write(f"latency: {len(jobs)} defenses to time, {len(timings)} cached; one at a time, nothing else running")
+    for job in tqdm(todo_timing, desc="latency", unit="defense"):
+        timings[job.key] = run_latency(job, cache)
     from fire_bench.report import write_outputs
 
-    ordered = [results[cell.key] for cell in cells]
-    write_outputs(grid, ordered, out, seconds=time.perf_counter() - started)
-    return ordered
+    done = GridResults(rows, [timings[job.key] for job in jobs])
+    write_outputs(grid, done, out, seconds=time.perf_counter() - started)
+    return done

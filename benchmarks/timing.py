@@ -22,11 +22,16 @@ def interleaved_ratio(
     rounds: int,
     repeat: int,
     timings: dict[str, list[float]] | None = None,
+    min_rounds: int | None = None,
+    precision: float = 0.0,
 ) -> float:
     """Median over ``rounds`` of time(variant) / time(baseline), each timed over ``repeat`` calls, alternating.
 
     Args:
         timings: If given, filled with the raw seconds per round under ``'variant'`` and ``'baseline'``.
+        min_rounds: With ``precision``, the rounds after which the timing may stop early (default: all).
+        precision: Stop once the median's standard error (estimated from the median absolute deviation of
+            the per-round ratios) is below ``precision`` times the median: a quiet machine needs few rounds.
     """
     ratios = []
     for i in range(rounds):
@@ -40,6 +45,11 @@ def interleaved_ratio(
             if timings is not None:
                 timings.setdefault(name, []).append(times[name])
         ratios.append(times["variant"] / times["baseline"])
+        if min_rounds is not None and len(ratios) >= min_rounds:
+            median = float(np.median(ratios))
+            spread = 1.4826 * float(np.median(np.abs(np.asarray(ratios) - median)))  # a robust sigma
+            if 1.2533 * spread / np.sqrt(len(ratios)) < precision * median:
+                break
     return float(np.median(ratios))
 
 

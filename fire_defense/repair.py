@@ -76,7 +76,7 @@ class LayerRepair(nn.Module):
         if basis.shape[0] != self.basis_t.shape[1]:
             raise FireDefenseError(f"the statistics hold {basis.shape[0]} directions, the repair {self.cap.numel()}.")
         center = basis @ stats.mean("clean")
-        projections = stats.clean_activations().double() @ basis.T - center  # (N, r)
+        projections = (stats.clean_activations() @ basis.T.float()).double() - center  # (N, r)
         values = {
             "offset": (alpha * stats.direction).view(stats.shape),
             "basis_t": basis.T,

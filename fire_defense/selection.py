@@ -118,6 +118,15 @@ def gate_threshold(scores: torch.Tensor, selected: torch.Tensor, quantile: float
     return float(torch.quantile(scores[selected].double(), quantile))
 
 
+def _row_by_row(layer: str, repairs: Sequence[LayerRepair]) -> Callable:
+    """A forward hook at ``layer`` that repairs row ``i`` of the batch with ``repairs[i]``."""
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor:
+        return torch.cat([repair(output[i : i + 1]) for i, repair in enumerate(repairs)])
+
+    return hook
+
+
 def _thresholds(
     repair: LayerRepair, clean: torch.Tensor, selected: torch.Tensor, quantiles: Sequence[float | None]
 ) -> dict[float | None, float]:
@@ -159,17 +168,20 @@ def _holdout_choice(
         clean_acts = stats.clean_activations().view(-1, *stats.shape)
         moved = {q: int((~poisoned_selected).sum()) for q in quantiles}  # inputs left alone are no target already
         poisoned_acts = stats.poisoned_activations().view(-1, *stats.shape)
-        for i in poisoned_selected.nonzero().flatten().tolist():
-            left_out = i if len(poisoned) > 1 else None  # one poisoned input: scored in sample
-            repair = build(layer, stats.holdout(n_fit, leave_out=left_out))
-            with HookHandles(model, [(layer, repair_hook(layer, repair))]):
-                after = int(predict(model, poisoned[i : i + 1])[0])
-            repaired_away = after != int(poisoned_before[i]) and (targets is None or not bool(targets[after]))
+        fit_stats = stats.holdout(n_fit)
+        rows = poisoned_selected.nonzero().flatten().tolist()
+        # one pass for all of them, each row repaired by the repair estimated without it (k = 1: with it)
+        repairs = [build(layer, fit_stats.leave_out(i) if len(poisoned) > 1 else fit_stats) for i in rows]
+        if rows:
+            with HookHandles(model, [(layer, _row_by_row(layer, repairs))]):
+                after = predict(model, poisoned[torch.as_tensor(rows, device=poisoned.device)])
+        for row, (i, repair) in enumerate(zip(rows, repairs, strict=True)):
+            repaired_away = after[row] != int(poisoned_before[i]) and (targets is None or not bool(targets[after[row]]))
             score = float(repair.score(poisoned_acts[i : i + 1])[0])
             thresholds = _thresholds(repair, clean_acts[:n_fit], selected[:n_fit], quantiles)
             for q in quantiles:
-                moved[q] += repaired_away and score > thresholds[q]
-        repair = build(layer, stats.holdout(n_fit))
+                moved[q] += bool(repaired_away) and score > thresholds[q]
+        repair = build(layer, fit_stats)
         candidates = held[selected[n_fit:]]
         after_clean = before[candidates]
         if len(candidates):

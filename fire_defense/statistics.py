@@ -89,7 +89,9 @@ class LayerStatistics:
 
     def clean_activations(self) -> torch.Tensor:
         """``(N, d)`` float32: the clean reference's activations, kept to calibrate thresholds."""
-        return torch.cat(self.calibration)
+        if len(self.calibration) > 1:  # joined once, not at every call
+            self.calibration = [torch.cat(self.calibration)]
+        return self.calibration[0]
 
     def poisoned_activations(self) -> torch.Tensor:
         """``(k, d)`` float32: the poisoned activations (only with ``keep_poisoned``)."""
@@ -119,19 +121,29 @@ class LayerStatistics:
         pooled = ((clean.var(unbiased=False) + poisoned.var(unbiased=False)) / 2).sqrt()
         return float((poisoned.mean() - clean.mean()) / pooled.clamp_min(1e-12))
 
-    def holdout(self, clean: int, leave_out: int | None = None) -> LayerStatistics:
-        """A copy estimated from the first ``clean`` clean activations and every poisoned one but ``leave_out``.
+    def holdout(self, clean: int) -> LayerStatistics:
+        """A copy estimated from the first ``clean`` clean activations and every poisoned one (kept).
 
-        For scoring a repair on inputs it was not estimated from (needs ``keep_poisoned``). The
-        clean stream is taken from the calibration store (augmented views are not used).
+        For scoring a repair on clean inputs it was not estimated from (needs ``keep_poisoned``);
+        :meth:`leave_out` then takes out one poisoned input. The clean stream comes from the
+        calibration store (augmented views are not used).
         """
-        poisoned = self.poisoned_activations()
-        kept = poisoned if leave_out is None else torch.cat([poisoned[:leave_out], poisoned[leave_out + 1 :]])
-        fit_clean = self.clean_activations()[:clean]
         copy = LayerStatistics(self.shape, self.dtype, keep_poisoned=True)
-        copy.add("clean", fit_clean.view(-1, *self.shape))
-        copy.add("poisoned", kept.view(-1, *self.shape))
+        copy.add("clean", self.clean_activations()[:clean].view(-1, *self.shape))
+        copy.add("poisoned", self.poisoned_activations().view(-1, *self.shape))
         copy.basis = self.basis
+        return copy
+
+    def leave_out(self, index: int) -> LayerStatistics:
+        """A copy without the ``index``-th kept poisoned activation (the clean side is shared, not copied)."""
+        removed = LayerStatistics(self.shape, self.dtype)
+        removed.add("poisoned", self.poisoned_activations()[index : index + 1].view(-1, *self.shape))
+        copy = LayerStatistics(self.shape, self.dtype)
+        copy.calibration, copy.basis = self.calibration, self.basis
+        for name in ("sums", "channel_sums", "channel_squares"):
+            mine, theirs = getattr(self, name), getattr(removed, name)
+            setattr(copy, name, {k: v - theirs[k] if k in theirs else v for k, v in mine.items()})
+        copy.counts = {k: v - removed.counts.get(k, 0) for k, v in self.counts.items()}
         return copy
 
     def forget_poisoned(self) -> None:

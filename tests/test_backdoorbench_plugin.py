@@ -19,16 +19,18 @@ import pytest
 import torch
 import yaml
 
-from fire_adapters import load_record, to_tensor
-from fire_adapters.training import evaluate
+from fire_adapters import load_record
 from fire_bench.__main__ import main as bench_main
 from fire_bench.backdoorbench import FireDefense, install, main, uninstall
-from fire_bench.backdoorbench.defense import METRICS
 from fire_bench.backdoorbench.install import CONFIG_NAMES, packaged_config
-from fire_bench.protocol import split_record
+from fire_bench.cells import Cell, run_cell
+from fire_bench.evaluation import METRICS
+from fire_bench.fire_report import fire_report
+from fire_bench.grid import GRIDS_DIR, DefenseSpec, Protocol, load_grid
+from fire_bench.protocol import describe, split_record
 from fire_defense import FIRE, FireDefenseError
 
-from helpers import write_fake_record
+from helpers import write_backdoored_record, write_fake_record
 
 NAME = "badnet_demo"
 DEFAULTS = packaged_config()  # a key repeated after them wins
@@ -45,14 +47,58 @@ def checkout(tmp_path) -> Path:
     return root
 
 
-def benchmark_metrics(record_dir: Path, **clean_data) -> dict[str, float]:
-    """What fire-bench computes for QUICK's settings: the protocol's split, FIRE, the evaluation part."""
-    record = load_record(record_dir)
-    split = split_record(record, seed=0, defender_share=0.1, **clean_data)
-    fire = FIRE(record.classifier(), layers=["1.layer3"], mode="gate").fit(
-        to_tensor(split.clean_reference.images), poisoned=to_tensor(split.poisoned_inputs(5).images)
-    )
-    return evaluate(fire.module(), split.clean_eval, split.poisoned_eval, "cpu")
+def benchmark_metrics(record_dir: Path, cache: Path, clean_size: int) -> dict[str, float]:
+    """What a grid cell computes for QUICK's settings: the same protocol and seed, the whole evaluation part."""
+    protocol = Protocol(clean_size, k=5, defender_share=0.1, eval_clean=None, eval_poisoned=None)
+    fire = DefenseSpec("fire", {"mode": "gate", "layers": ["1.layer3"]})
+    row = run_cell(Cell(str(record_dir), fire, protocol, seed=0, device="cpu"), cache)
+    return {m: row[m] for m in METRICS}
+
+
+class InProcess:
+    """An executor that runs every item here, one after the other."""
+
+    def map(self, fn, items):
+        for item in items:
+            yield item, fn(item)
+
+
+def summary_metrics(path: Path) -> dict[str, float]:
+    """The ``last`` row of a BackdoorBench summary CSV."""
+    with open(path) as handle:
+        rows = {row[""]: row for row in csv.DictReader(handle)}
+    assert list(rows) == ["last", "valid_max", "exist_nan_value"] and list(rows["last"]) == ["", *METRICS]
+    return {m: float(rows["last"][m]) for m in METRICS}
+
+
+def test_a_grid_cell_fire_report_and_the_plugin_agree(tmp_path):
+    """One backdoored record under the shipped settings (fire.yaml's protocol, the plugin's config.yaml): the
+    leaderboard's cell, fire-report's row and the plugin's summary are the same numbers, each computed on its
+    own (three caches). (The record's images are noise, so FIRE has no clean structure to restore: FIRE's effect
+    is tested on a model of real structure in test_fire.py and test_defenses.py; this test is about the paths.)"""
+    root = tmp_path / "BackdoorBench"
+    record_dir = write_backdoored_record(root)
+    shipped = yaml.safe_load((GRIDS_DIR / "fire.yaml").read_text())
+    grid = tmp_path / "fire.yaml"  # the shipped grid; its k-curve and latency scaled to the small record
+    latency = {"batch_sizes": [1], "rounds": 1, "min_seconds": 0.001}
+    grid.write_text(yaml.safe_dump({**shipped, "k_curve": {"ks": [1, 10]}, "latency": latency}))
+    loaded = load_grid(grid)
+    (fire,) = [d for d in loaded.defenses if d.label == "fire"]
+    cell = run_cell(Cell(str(record_dir), fire, loaded.protocol, seed=0), tmp_path / "cell")
+
+    report = fire_report(root / "record", tmp_path / "report", grid=grid, executor=InProcess())
+    with open(tmp_path / "report" / "mitigation.csv") as handle:
+        reported = {row["defense_name"]: row for row in csv.DictReader(handle)}
+
+    assert main(["--result_file", record_dir.name, "--device", "cpu"], root=root) == 0  # config.yaml's settings
+    plugin = summary_metrics(record_dir / "defense" / "fire" / "fire_df_summary.csv")
+
+    expected = {m: cell[m] for m in METRICS}
+    assert {m: float(reported["fire"][m]) for m in METRICS} == expected and plugin == expected
+    whole = describe(split_record(load_record(record_dir), seed=0, clean_size=500, defender_share=0.1))
+    assert cell["split"] == whole and reported["fire"]["setting"] == cell["setting"]  # all the evaluation part
+    assert float(reported["none"]["test_asr"]) > 0.9  # a backdoored model, so the ASR tells subsets apart
+    assert [r["k"] for r in report.rows if r["table"] == "k_curve"] == [1, 10]
 
 
 def test_the_entry_script_runs_fire_in_a_backdoorbench_checkout(checkout):
@@ -62,10 +108,7 @@ def test_the_entry_script_runs_fire_in_a_backdoorbench_checkout(checkout):
     run = subprocess.run(command, cwd=checkout, capture_output=True, text=True, timeout=300, check=False)
     assert run.returncode == 0, run.stderr
     out = checkout / "record" / NAME / "defense" / "fire"
-    with open(out / "fire_df_summary.csv") as handle:
-        rows = {row[""]: row for row in csv.DictReader(handle)}
-    assert list(rows) == ["last", "valid_max", "exist_nan_value"] and list(rows["last"]) == ["", *METRICS]
-    assert {m: float(rows["last"][m]) for m in METRICS} == benchmark_metrics(out.parents[1], clean_size=40)
+    assert summary_metrics(out / "fire_df_summary.csv") == benchmark_metrics(out.parents[1], checkout / "cache", 40)
     assert "FireDefense derives from defense.base.defense" in run.stderr
     (log,) = (out / "log").glob("*.log")
     assert "DER" in log.read_text() and "derives from defense.base.defense" in log.read_text()
@@ -85,7 +128,7 @@ def test_the_class_works_without_backdoorbench(checkout, tmp_path):
     # No --yaml_path and no config under the root: our packaged defaults; --ratio wins over their clean_size.
     defense = FireDefense(parser.parse_args([*QUICK, "--ratio", "0.25"]), root=checkout)
     result = defense.defense(NAME)
-    assert result["metrics"] == benchmark_metrics(checkout / "record" / NAME, clean_ratio=0.25)
+    assert result["metrics"] == benchmark_metrics(checkout / "record" / NAME, tmp_path / "cache", 50)  # 0.25 x 200
     assert result["model"](torch.rand(2, 1, 28, 28)).shape == (2, 10)
     index = tmp_path / "index.txt"  # BackdoorBench's --index: a text file of clean training indices
     np.savetxt(index, [3, 1, 4, 15, 9, 26, 5, 35], fmt="%d")
@@ -151,7 +194,7 @@ def test_packaged_configs_are_the_benchmark_defaults_per_dataset():
     assert configs["config"]["dataset"] is None
     for name, values in configs.items():
         assert values == {**configs["config"], "dataset": None if name == "config" else name}
-    defaults = {"clean_size": 500, "k": 10, "random_seed": 0, "defender_share": 0.1, "mode": "gate", "layers": "auto"}
+    defaults = {"clean_size": 500, "k": 10, "random_seed": 0, "defender_share": 0.1, "mode": "match", "layers": "auto"}
     assert defaults.items() <= configs["config"].items()  # fire-bench fire-report's settings
 
 

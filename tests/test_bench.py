@@ -1,14 +1,20 @@
-"""The benchmark's protocol never lets a defense see what it is scored on; FIRE's report runs end to end."""
+"""The benchmark's protocol never lets a defense see what it is scored on; FIRE's report is a view of its grid."""
 
 from __future__ import annotations
 
+import csv
+import json
+
 import numpy as np
 import pytest
+import yaml
 
 from fire_adapters import load_record
-from fire_bench.fire_report import write_report
+from fire_bench.__main__ import main
+from fire_bench.grid import GRIDS_DIR
 from fire_bench.protocol import describe, split_record
 from fire_defense import FireDefenseError
+from fire_defense.metrics import defense_effectiveness_rating
 
 from helpers import write_fake_record
 
@@ -48,11 +54,38 @@ def test_bad_protocol_arguments(record):
         split_record(record, clean_size=50).poisoned_inputs(10**6)
 
 
-def test_fire_report_runs_end_to_end(record, tmp_path):
-    out = write_report([record.path], tmp_path / "fire", k=5, ks=(1, 3), seed=0, repeats=1)
-    table = (out / "mitigation.md").read_text()
-    assert "fire-gate" in table and "fire-shift" in table and "none" in table
-    assert (out / "k_curve.png").stat().st_size > 0 and "1.layer" in (out / "k_curve.csv").read_text()
-    rows = [line.split(",") for line in (out / "k_curve.csv").read_text().splitlines()[1:]]
-    assert [int(r[2]) for r in rows] == [1, 3]
-    assert "505 inputs" in (out / "estimation.md").read_text()
+def test_fire_report_is_the_fire_grid_and_its_view(record, tmp_path, capsys):
+    shipped = yaml.safe_load((GRIDS_DIR / "fire.yaml").read_text())
+    grid = tmp_path / "fire.yaml"  # the shipped grid, its k-curve and latency scaled to the small record
+    latency = {"batch_sizes": [1, 4], "rounds": 2, "min_seconds": 0.001}
+    grid.write_text(yaml.safe_dump({**shipped, "k_curve": {"ks": [1, 3]}, "latency": latency}))
+    out = tmp_path / "fire"
+    command = ["fire-report", "--records", str(record.path.parent), "--out", str(out), "--grid", str(grid)]
+    assert main([*command, "--k", "5", "--workers", "1"]) == 0
+    assert "choice" in capsys.readouterr().out
+    labels = [d.get("label", d["name"]) for d in shipped["defenses"]]
+
+    cells = {c["defense_name"]: c for c in json.loads((out / "cells.json").read_text()) if c["table"] != "k_curve"}
+    with open(out / "mitigation.csv") as handle:
+        mitigation = list(csv.DictReader(handle))
+    assert [r["defense_name"] for r in mitigation] == labels
+    none = cells["none"]
+    for row in mitigation:  # the view shows the grid's cells, with DER against the undefended cell
+        cell = cells[row["defense_name"]]
+        assert float(row["test_asr"]) == cell["test_asr"] and int(row["k"]) == 5 == cell["k"]
+        der = defense_effectiveness_rating(none["test_asr"], cell["test_asr"], none["test_acc"], cell["test_acc"])
+        assert float(row["der"]) == pytest.approx(der) and (
+            row["setting"].startswith("1.layer") or row["defense_name"] == "none"
+        )
+    with open(out / "k_curve.csv") as handle:
+        assert [int(r["k"]) for r in csv.DictReader(handle)] == [1, 3]
+    assert (out / "k_curve.png").stat().st_size > 0 and (out / "leaderboard.md").is_file()
+    estimation = (out / "estimation.md").read_text()
+    assert all(f"| {label} |" in estimation for label in labels[1:])
+    with open(out / "choice.csv") as handle:  # FIRE's own choice beside the best fixed setting in hindsight
+        (choice,) = list(csv.DictReader(handle))
+    assert choice["chosen"] == cells["fire"]["setting"] and choice["best"].startswith("fire@")
+    fixed = [c for name, c in cells.items() if name.startswith("fire@")]
+    best = max(c["test_ra"] - max(0.0, none["test_acc"] - c["test_acc"]) for c in fixed)
+    assert float(choice["best_pa_minus_drop"]) == pytest.approx(best)
+    assert "| none |" not in estimation and f"| {len(split_record(record).clean_reference) + 5} |" in estimation

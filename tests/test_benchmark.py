@@ -12,13 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
 
-from fire_adapters import load_record, to_tensor
-from fire_bench.cells import Cell, run_cell
+from fire_adapters import load_record, safe_torch_load, to_tensor
+from fire_bench.atomic import write_atomically
+from fire_bench.cells import Cell, record_fingerprint, run_cell
 from fire_bench.executors import LocalExecutor, create_executor
-from fire_bench.grid import DefenseSpec, Latency, Protocol, load_grid
-from fire_bench.report import leaderboard
+from fire_bench.grid import DefenseSpec, Protocol, load_grid
+from fire_bench.report import latency_check, leaderboard
 from fire_bench.runner import grid_cells, run_grid
 from fire_defense import FireDefenseError, UnknownNameError
 from fire_defense.metrics import REJECTED, auroc, backdoor_metrics, defense_effectiveness_rating
@@ -46,7 +49,7 @@ def write_grid(path: Path, records: Path, defenses: list[dict], **overrides) -> 
         "protocol": PROTOCOL,
         "seeds": [0, 1],
         "defenses": defenses,
-        "latency": {"batch_sizes": [1, 8], "rounds": 1},
+        "latency": {"batch_sizes": [1, 8], "rounds": 1, "min_seconds": 0.001},
         "k_curve": {"ks": [1, 3], "mode": "gate"},
         **overrides,
     }
@@ -70,14 +73,15 @@ class Recording:
 
 
 def test_shipped_grids_load_and_name_real_defenses():
-    default, quick = load_grid("default"), load_grid("quick")
+    default, quick, fire = load_grid("default"), load_grid("quick"), load_grid("fire")
+    assert fire.protocol.eval_clean is None and {d.label for d in fire.defenses} > {"none", "fire", "fire-v1-gate"}
     assert default.make.attacks == ("badnet", "blended", "sig", "wanet") and default.make.datasets == ("fashionmnist",)
     assert {d.name for d in default.defenses} >= {"none", "fire", "shrinkpad", "jpeg", "clipping", "strip"}
     assert len(quick.defenses) < len(default.defenses) and quick.protocol.eval_clean < default.protocol.eval_clean
 
 
 def test_grid_errors_name_the_problem(tmp_path, records):
-    with pytest.raises(FireDefenseError, match="shipped grids: default, quick"):
+    with pytest.raises(FireDefenseError, match="shipped grids: default, fire, quick"):
         load_grid("nonexistent")
     bad = write_grid(tmp_path / "a.yaml", records, [{"name": "none"}], protocl={"k": 1})
     with pytest.raises(FireDefenseError, match=r"unknown key.*protocl"):
@@ -111,14 +115,34 @@ def test_metrics_against_hand_computed_values():
     assert m == {"test_acc": 0.5, "test_asr": pytest.approx(1 / 3), "test_ra": pytest.approx(1 / 3)}
     assert defense_effectiveness_rating(0.9, 0.1, 0.9, 0.85) == pytest.approx((0.8 - 0.05 + 1) / 2)
     cells = [
-        {"record": "r", "seed": s, "dataset": "d", "backbone": "b", "attack_name": "a", "ratio": 0.1, "split": "x",
-         "defense_name": name, "defense": name, "test_acc": acc, "test_asr": asr, "test_ra": 1 - asr}
-        for s, name, acc, asr in [(0, "none", .9, 1.), (1, "none", .8, 1.), (0, "d1", .9, .2), (1, "d1", .7, .4)]
+        {"record": "r", "seed": s, "dataset": "d", "backbone": "b", "attack_name": "a", "ratio": 0.1, "split": f"x{s}",
+         "defense_name": name, "defense": name, "test_acc": acc, "test_asr": asr, "test_ra": 1 - asr, "table": table}
+        for s, name, acc, asr, table in [(0, "none", .9, 1., "leaderboard"), (1, "none", .8, 1., "leaderboard"),
+                                         (0, "d1", .9, .2, "leaderboard"), (1, "d1", .7, .4, "leaderboard"),
+                                         (0, "d1", .0, .0, "k_curve")]
     ]  # fmt: skip
-    board = {row["defense_name"]: row for row in leaderboard(cells)}
+    timings = [{"dataset": "d", "backbone": "b", "defense_name": "d1", "latency_b1_ratio": 3.0, "fit_s": 2.0}]
+    board = {row["defense_name"]: row for row in leaderboard(cells, timings)}
     assert board["d1"]["test_acc"] == pytest.approx(0.8) and board["d1"]["test_acc_std"] == pytest.approx(0.1)
     assert board["d1"]["der"] == pytest.approx(((0.8 + 1) / 2 + (0.6 - 0.1 + 1) / 2) / 2)  # per seed, then mean
-    assert board["none"]["der"] == pytest.approx(0.5) and board["d1"]["seeds"] == 2
+    assert board["none"]["der"] == pytest.approx(0.5) and board["d1"]["seeds"] == 2  # the k-curve row is not in it
+    assert board["d1"]["latency_b1_ratio"] == 3.0 and "latency_b1_ratio" not in board["none"]
+
+
+def test_the_latency_check_says_when_the_undefended_ratio_is_off():
+    def none(b1: float, b128: float) -> dict:
+        return {
+            "dataset": "d",
+            "backbone": "b",
+            "defense_name": "none",
+            "latency_b1_ratio": b1,
+            "latency_b128_ratio": b128,
+        }
+
+    assert latency_check([none(1.01, 0.97)]).startswith("latency check: ok")
+    for off in (none(1.06, 1.0), none(1.0, 0.94)):
+        assert "FAILED" in latency_check([off]) and "1.00 +- 0.05" in latency_check([off])
+    assert "not measured" in latency_check([])
 
 
 # --- cells ------------------------------------------------------------------------------------------------------
@@ -142,11 +166,11 @@ def test_a_cell_never_shows_the_defense_its_evaluation_samples(records, tmp_path
 
     monkeypatch.setattr(RuntimeDefense, "fit", spy_fit)
     monkeypatch.setattr(RuntimeDefense, "decide", spy_decide)
-    cell = Cell(str(records / "badnet_a"), DefenseSpec("fire"), Protocol(**PROTOCOL), 0, Latency((1,), 1))
+    cell = Cell(str(records / "badnet_a"), DefenseSpec("fire"), Protocol(**PROTOCOL), 0)
     result = run_cell(cell, tmp_path)
     fitted = np.concatenate([x.flatten(1).numpy() for x in seen_at_fit])
-    evaluated = np.concatenate([x.flatten(1).numpy() for x in scored[:2]])  # the clean and the poisoned evaluation
-    assert len(evaluated) == 80 and len(fitted) == 120 + 5 + 1  # reference, k poisoned, the latency baseline
+    evaluated = np.concatenate([x.flatten(1).numpy() for x in scored])  # the clean and the poisoned evaluation
+    assert len(scored) == 2 and len(evaluated) == 80 and len(fitted) == 120 + 5  # reference, k poisoned
     distances = np.abs(fitted[:, None, :] - evaluated[None, :, :]).sum(-1)
     assert distances.min() > 0, "a defense saw an image it is scored on"
     assert "disjoint indices (seed 0)" in result["split"] and "40 clean and 40 poisoned" in result["split"]
@@ -154,16 +178,79 @@ def test_a_cell_never_shows_the_defense_its_evaluation_samples(records, tmp_path
 
 
 def test_a_cell_is_keyed_by_its_inputs(records, other_record):
-    base = Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0, Latency())
+    base = Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0)
     variants = [
-        Cell(str(other_record), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0, Latency()),
-        Cell(str(records / "badnet_a"), DefenseSpec("jpeg", {"quality": 50}), Protocol(**PROTOCOL), 0, Latency()),
-        Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**{**PROTOCOL, "k": 6}), 0, Latency()),
-        Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 1, Latency()),
+        Cell(str(other_record), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0),
+        Cell(str(records / "badnet_a"), DefenseSpec("jpeg", {"quality": 50}), Protocol(**PROTOCOL), 0),
+        Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**{**PROTOCOL, "k": 6}), 0),
+        Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 1),
     ]
     assert len({base.key, *(v.key for v in variants)}) == 5
-    moved = Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0, Latency(), device="cuda")
+    moved = Cell(str(records / "badnet_a"), DefenseSpec("jpeg"), Protocol(**PROTOCOL), 0, device="cuda")
     assert moved.key == base.key  # where it runs does not change what it computes
+
+
+def test_the_record_fingerprint_covers_its_images_and_weights_but_not_its_timing(tmp_path, monkeypatch):
+    record = write_fake_record(tmp_path, n_train=300, n_test=150)
+    path = record / "attack_result.pt"
+
+    def fingerprint() -> str:
+        record_fingerprint.cache_clear()
+        return record_fingerprint(str(record))
+
+    def rewrite(**changes) -> None:
+        content = safe_torch_load(path)
+        content.update(changes)
+        torch.save(content, path)
+
+    rewrite(train_seconds=10.0)
+    first = fingerprint()
+    rewrite(train_seconds=99.0)  # the same record, rebuilt: only its timing differs
+    assert fingerprint() == first
+    png = next(iter(sorted((record / "bd_test_dataset").rglob("*.png"))))
+    original = png.read_bytes()
+    Image.fromarray(np.zeros((28, 28), np.uint8)).save(png)  # a blackened poisoned image
+    assert fingerprint() != first
+    png.write_bytes(original)
+    assert fingerprint() == first
+    state = safe_torch_load(path)["model"]
+    rewrite(model={k: v + 1 if v.is_floating_point() else v for k, v in state.items()})
+    assert fingerprint() != first
+
+
+def test_a_cells_cost_builds_its_defense_once(records, monkeypatch):
+    from fire_bench import cells as cells_module
+
+    built = []
+    create = cells_module.create_defense
+    monkeypatch.setattr(cells_module, "create_defense", lambda *a, **k: built.append(a) or create(*a, **k))
+    cell = Cell(str(records / "badnet_a"), DefenseSpec("strip"), Protocol(**PROTOCOL), 0)
+    assert cell.cost == cell.cost == cell.cost == 103 and len(built) == 1
+
+
+def test_interleaved_timing_stops_once_its_median_is_precise():
+    from fire_bench.timing import interleaved_ratio
+
+    def run(**stop) -> int:
+        timings: dict[str, list[float]] = {}
+        interleaved_ratio(lambda: None, lambda: None, rounds=9, repeat=1, timings=timings, **stop)
+        return len(timings["variant"])
+
+    assert run() == 9 and run(min_rounds=3, precision=0.0) == 9  # no rule, or one no median can meet
+    assert run(min_rounds=3, precision=1e9) == 3  # any spread meets this one: it stops at min_rounds
+
+
+def test_an_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):
+    target = tmp_path / "out" / "result.json"
+    write_atomically(target, lambda path: path.write_text("old"))
+
+    def fail(path: Path) -> None:
+        path.write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_atomically(target, fail)
+    assert target.read_text() == "old" and [p.name for p in target.parent.iterdir()] == ["result.json"]
 
 
 # --- the runner end to end -----------------------------------------------------------------------------------
@@ -174,8 +261,15 @@ def test_a_grid_end_to_end_and_a_rerun_recomputes_nothing(records, tmp_path):
 
     grid = load_grid(write_grid(tmp_path / "grid.yaml", records, [{"name": n} for n in list_defenses()]))
     out = tmp_path / "results"
-    cells = run_grid(grid, out, executor=Recording())
-    assert len(cells) == 2 * len(grid.defenses) + 2  # one record x two seeds, and its two k-curves
+    results = run_grid(grid, out, executor=Recording())
+    cells = results.rows
+    assert len(cells) == 2 * len(grid.defenses) + 2 * 2  # one record x two seeds, and two points of each k-curve
+    curve = [c for c in cells if c["table"] == "k_curve"]
+    assert [(c["seed"], c["k"], c["defense"]) for c in curve] == [(s, k, "fire-stream") for s in (0, 1) for k in (1, 3)]
+    assert [row.split(",")[3] for row in (out / "k_curve.csv").read_text().splitlines()[1:]] == ["1", "3", "1", "3"]
+    # the latency phase timed each defense once (one record, the first seed), the undefended model against itself too
+    assert sorted(t["defense_name"] for t in results.timings) == sorted(d.label for d in grid.defenses)
+    assert all(t["latency_b1_rounds"] >= 1 and t["fit_s"] > 0 for t in results.timings)
     header = (out / "leaderboard.csv").read_text().splitlines()[0].split(",")
     assert header[:8] == [
         "dataset",
@@ -194,10 +288,12 @@ def test_a_grid_end_to_end_and_a_rerun_recomputes_nothing(records, tmp_path):
         assert (out / plot).stat().st_size > 1000
     board = [r for r in leaderboard(cells) if r["defense_name"] == "strip"]
     assert board[0]["forward_passes"] == 101 and 0 <= board[0]["fpr"] <= 1 and board[0]["seeds"] == 2
-    assert "Mean over attacks" in (out / "summary.txt").read_text()
+    summary = (out / "summary.txt").read_text()
+    assert "Mean over attacks" in summary and "latency check: " in summary
+    assert "latency check: " in (out / "leaderboard.md").read_text()
 
-    again = Recording()
-    assert run_grid(grid, out, executor=again) == cells and again.given == []
+    again = Recording()  # no cell runs again, and no latency cell is timed again (new timings would differ)
+    assert run_grid(grid, out, executor=again) == results and again.given == []
 
 
 def test_resume_after_a_killed_run_recomputes_nothing_finished(records, tmp_path):
@@ -225,7 +321,7 @@ def test_resume_after_a_killed_run_recomputes_nothing_finished(records, tmp_path
         json.loads(text)  # every result on disk is whole
 
     rerun = Recording()
-    results = run_grid(grid, out, executor=rerun)
+    results = run_grid(grid, out, executor=rerun).rows
     assert not {f"{cell.key}.json" for cell in rerun.given} & set(finished)  # nothing finished is recomputed
     assert len(results) == 6 and len(rerun.given) == 6 - len(finished)
     for name, (mtime, text) in finished.items():
@@ -265,7 +361,7 @@ def test_a_grid_trains_only_its_missing_records_through_the_executor(tmp_path, m
     )
     grid = load_grid(grid_file)
     first = Recording()
-    results = run_grid(grid, tmp_path / "out", records_root=tmp_path / "records", executor=first)
+    results = run_grid(grid, tmp_path / "out", records_root=tmp_path / "records", executor=first).rows
     recipes = [item for item in first.given if isinstance(item, factory.RecordRecipe)]
     assert [r.attack for r in recipes] == ["badnet", "blended"] and len(results) == 2
     assert {r["record"] for r in results} == {r.name for r in recipes}
@@ -315,8 +411,8 @@ def test_local_workers_and_ray_give_the_same_results_from_one_cache(records, tmp
     grid = load_grid(
         write_grid(tmp_path / "g.yaml", records, [{"name": "none"}, {"name": "fire"}], seeds=[0], k_curve=None)
     )
-    local = run_grid(grid, tmp_path / "local", executor=LocalExecutor(workers=2))
-    ray_run = run_grid(grid, tmp_path / "ray", executor=create_executor("ray"))  # a local Ray instance, loopback
+    local = run_grid(grid, tmp_path / "local", executor=LocalExecutor(workers=2)).rows
+    ray_run = run_grid(grid, tmp_path / "ray", executor=create_executor("ray")).rows  # a local Ray instance, loopback
     keep = ("key", "test_acc", "test_asr", "test_ra", "forward_passes")
     assert [{k: r[k] for k in keep} for r in local] == [{k: r[k] for k in keep} for r in ray_run]
     again = Recording()

@@ -524,7 +524,7 @@ def test_holdout_statistics_leave_out_what_they_score():
     stats = LayerStatistics(clean.shape[1:], clean.dtype, keep_poisoned=True)
     stats.add("clean", clean)
     stats.add("poisoned", poisoned)
-    held = stats.holdout(40, leave_out=2)
+    held = stats.holdout(40).leave_out(2)
     expected = torch.cat([poisoned[:2], poisoned[3:]]).mean(0) - clean[:40].mean(0)
     torch.testing.assert_close(held.direction.float(), expected.flatten(), rtol=0, atol=1e-5)
     torch.testing.assert_close(

@@ -3,11 +3,13 @@
 BackdoorBench (SCLBD/BackdoorBench) writes each defense as a class with one interface: built from
 parsed arguments laid over a YAML config, ``add_arguments(parser)``, ``set_result(result_file)``,
 ``set_logger()``, ``mitigation()`` and ``defense(result_file)``. :class:`FireDefense` follows it and
-derives from BackdoorBench's ``defense.base.defense`` when that imports (``object`` otherwise). What
-it computes is ``fire-bench fire-report``'s FIRE row, by the same calls: the record read with our safe
-loader, the protocol's split (:func:`fire_bench.protocol.split_record`; the defender's clean training
-samples by ``clean_size``, BackdoorBench's ``--ratio`` or its ``--index``), FIRE fitted on them and on
-``k`` poisoned inputs from the held-out part of the poisoned test set, scored on the evaluation part.
+derives from BackdoorBench's ``defense.base.defense`` when that imports (``object`` otherwise). Its
+numbers come from the benchmark's one evaluation (:func:`fire_bench.evaluation.evaluate`), as every
+grid cell's do: the record read with our safe loader, the protocol's split
+(:func:`fire_bench.protocol.split_record`; the defender's clean training samples by ``clean_size``,
+BackdoorBench's ``--ratio`` or its ``--index``), the ``fire`` defense fitted on them and on ``k``
+poisoned inputs from the held-out part of the poisoned test set, the undefended model and FIRE
+scored on the whole evaluation part (a protocol without subsample caps, as the ``fire`` grid's).
 
 It writes into ``record/<result_file>/defense/fire/``: ``defense_result.pt`` (BackdoorBench's format;
 the model is the record's, unchanged, as FIRE repairs at inference), ``fire_state.pt`` (FIRE's
@@ -18,9 +20,8 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,18 +30,18 @@ import numpy as np
 import torch
 import yaml
 
-from fire_adapters import RECORD_FILE, Record, get_dataset_spec, load_record, to_tensor
+from fire_adapters import RECORD_FILE, Record, get_dataset_spec, load_record
 from fire_adapters.factory import summary_csv
-from fire_adapters.training import evaluate
+from fire_bench.atomic import write_atomically
 from fire_bench.backdoorbench.install import packaged_config
+from fire_bench.evaluation import METRICS, evaluate, with_der
+from fire_bench.grid import DefenseSpec, Protocol
 from fire_bench.protocol import describe, split_record
-from fire_defense import FIRE, MODES, FireDefenseError, __version__, drop_none, resolve_device
+from fire_defense import MODES, FireDefenseError, __version__, drop_none, resolve_device
 from fire_defense.errors import first_line, run_cli
-from fire_defense.metrics import defense_effectiveness_rating
 
-__all__ = ["METRICS", "FireDefense", "main"]
+__all__ = ["FireDefense", "main"]
 
-METRICS = ("test_acc", "test_asr", "test_ra")
 LOGGER = "fire_bench.backdoorbench"
 
 
@@ -124,16 +125,6 @@ def _checked(values: dict[str, Any]) -> argparse.Namespace:
     return argparse.Namespace(**{name: values.get(name) for name in _OPTIONS})
 
 
-def _atomic_write(path: Path, write: Callable[[Path], None]) -> None:
-    """Write ``path`` through a temporary file beside it, so a crash never leaves a half-written result."""
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        write(partial)
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
-
-
 class FireDefense(_backdoorbench_base()):
     """FIRE under BackdoorBench's defense interface (see the module docstring).
 
@@ -205,7 +196,7 @@ class FireDefense(_backdoorbench_base()):
         self.logger.info("config %s; options %s", self.yaml_path or "(fire-defense's default)", vars(self.args))
 
     def mitigation(self) -> dict[str, Any]:
-        """Fit FIRE as the protocol says, score it on the evaluation part, and write the outputs.
+        """Fit FIRE as the protocol says, score it and the undefended model on the evaluation part, write the outputs.
 
         Returns:
             ``model``: the repaired classifier (an ``nn.Module`` of ``[0, 1]`` images, the record's model behind
@@ -213,7 +204,7 @@ class FireDefense(_backdoorbench_base()):
             ``test_acc``, ``test_asr``, ``test_ra`` on the evaluation part.
         """
         record, save_path = self._require_result()
-        args, device = self.args, self.device
+        args = self.args
         clean_data = (
             {"clean_indices": self._clean_indices(args.index)}
             if args.index is not None
@@ -221,28 +212,30 @@ class FireDefense(_backdoorbench_base()):
         )
         split = split_record(record, seed=args.random_seed, defender_share=args.defender_share, **clean_data)
         self.logger.info("record %s (%s, %s); %s", record.path, record.model_name, record.dataset.name, describe(split))
-        classifier = record.classifier().to(device)
+        protocol = Protocol(
+            len(split.clean_reference), args.k, args.defender_share, eval_clean=None, eval_poisoned=None
+        )
         batch = drop_none({"batch_size": args.batch_size})
-        clean = to_tensor(split.clean_reference.images, device)
-        seen = to_tensor(split.poisoned_inputs(args.k).images, device)
-        before = evaluate(classifier, split.clean_eval, split.poisoned_eval, device, **batch)
         layers = "auto" if args.layers == "auto" else [name.strip() for name in args.layers.split(",")]
-        fire = FIRE(classifier, layers=layers, mode=args.mode, fpr=args.fpr, **batch).fit(clean, poisoned=seen)
-        after = evaluate(fire.module(), split.clean_eval, split.poisoned_eval, device, **batch)
-        der = defense_effectiveness_rating(before["test_asr"], after["test_asr"], before["test_acc"], after["test_acc"])
+        fire_spec = DefenseSpec("fire", {"mode": args.mode, "layers": layers, "fpr": args.fpr, **batch})
+        evaluations = [
+            evaluate(record, split, spec, protocol, self.device) for spec in (DefenseSpec("none", batch), fire_spec)
+        ]
+        before, after = with_der([evaluation.row for evaluation in evaluations])
+        fire = evaluations[1].defense.fire_
         self.logger.info("FIRE (%s) at %s from %d poisoned inputs", args.mode, ", ".join(fire.layers_), args.k)
         for name, metrics in (("no defense", before), ("FIRE", after)):
             self.logger.info("%-10s %s", name, ", ".join(f"{m} {100 * metrics[m]:.2f}%" for m in METRICS))
-        self.logger.info("DER %.4f (on the evaluation part)", der)
+        self.logger.info("DER %.4f (on the evaluation part)", after["der"])
 
         state = {k: v.detach().cpu().clone() for k, v in record.model.state_dict().items()}
         result = {"model_name": record.model_name, "num_classes": record.num_classes, "model": state}
-        _atomic_write(save_path / "defense_result.pt", lambda path: torch.save(result, path))
-        _atomic_write(save_path / "fire_state.pt", fire.save)
+        write_atomically(save_path / "defense_result.pt", lambda path: torch.save(result, path))
+        write_atomically(save_path / "fire_state.pt", fire.save)
         summary = summary_csv([after], METRICS)
-        _atomic_write(save_path / "fire_df_summary.csv", lambda path: path.write_text(summary))
+        write_atomically(save_path / "fire_df_summary.csv", lambda path: path.write_text(summary))
         self.logger.info("wrote defense_result.pt, fire_state.pt and fire_df_summary.csv to %s", save_path)
-        return {"model": fire.module(), "fire": fire, "metrics": after}
+        return {"model": fire.module(), "fire": fire, "metrics": {m: after[m] for m in METRICS}}
 
     def defense(self, result_file: str | None) -> dict[str, Any]:
         """:meth:`set_result`, :meth:`set_logger`, then :meth:`mitigation`."""

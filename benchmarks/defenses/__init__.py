@@ -7,6 +7,7 @@ registers them all. ``create_defense("strip")``, ``list_defenses()``.
 from fire_bench.defenses import clipping, correction, februus, fire, shrinkpad, transforms, undefended  # noqa: F401
 
 from fire_bench.defenses import ibd_psc, scaleup, strip, teco  # noqa: F401  # isort: skip  (the detectors)
+from fire_bench.defenses import fire_stream  # noqa: F401  # isort: skip  (FIRE's streaming estimate, the k-curve)
 from fire_bench.defenses.base import (
     DEFENSES,
     Decision,

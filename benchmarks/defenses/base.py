@@ -74,6 +74,8 @@ class RuntimeDefense(ABC):
 
     name: ClassVar[str] = ""
     rejects: ClassVar[bool] = False  # a detector: refuses inputs instead of correcting them
+    # forward_passes is measured at fit on the clean reference (some inputs run a second pass), not fixed
+    cost_varies: ClassVar[bool] = False
     needs: frozenset[str] = frozenset()  # of {"poisoned", "trigger"}; a property where it depends on params
     source: ClassVar[str] = ""  # the paper it follows
 

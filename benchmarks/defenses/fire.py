@@ -2,22 +2,26 @@
 
 Ahlers et al., "Kill it with FIRE" (arXiv 2602.10780, 2026); the method and our design choices
 are in ``docs/fire.md``. Unpaired (default): directions from the ``k`` poisoned inputs the
-defender saw; paired: from the trigger applied to the clean reference. One forward pass with
-the repair hooks; in ``gate`` mode the projection at the first repaired layer is the score.
+defender saw; paired: from the trigger applied to the clean reference. The defaults are FIRE
+v2's: ``match`` repair of the inputs sent to the inferred target (a second pass for those only),
+at the layer and gate quantile chosen on held-out defender data. The score is the largest margin
+of a layer's projection over its gate threshold.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import ClassVar
 
 import torch
 
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
 from fire_defense import FIRE, FireDefenseError
 
-__all__ = ["FireDefense"]
+__all__ = ["FireDefense", "repaired_decision"]
 
 ESTIMATES = ("unpaired", "paired")
+CONDITIONS = ("target", "none")
 
 
 @register_defense
@@ -25,24 +29,32 @@ class FireDefense(RuntimeDefense):
     """FIRE repair at inference.
 
     Args:
-        mode: ``'shift'``, ``'project'`` or ``'gate'``.
+        mode: ``'match'``, ``'shift'``, ``'project'`` or ``'gate'``.
         layers: ``'auto'`` or layer names of the classifier (``'1.layer3'``).
         estimate: ``'unpaired'`` (from the poisoned inputs) or ``'paired'`` (from the trigger).
         alpha: Step along the direction.
         fpr: Clean false-positive rate behind ``project`` caps and ``gate`` thresholds.
+        condition: ``'target'`` (repair only inputs sent to an inferred target) or ``'none'`` (every input;
+            FIRE's ``condition=None``, spelt as a string so a grid or command line can set it).
+        select: How ``layers='auto'`` chooses: ``'holdout'``, ``'repair'`` or ``'separation'``.
+        gate_quantiles: FIRE's ``gate_quantiles`` (``None`` entries: no gate).
     """
 
     name = "fire"
     source = "Ahlers et al., Kill it with FIRE, arXiv 2602.10780 (2026)"
+    cost_varies: ClassVar[bool] = True  # with a condition, the selected inputs run a second pass
 
     def __init__(
         self,
         *,
-        mode: str = "gate",
+        mode: str = "match",
         layers: str | Sequence[str] = "auto",
         estimate: str = "unpaired",
         alpha: float = 1.0,
         fpr: float = 0.01,
+        condition: str = "target",
+        select: str = "holdout",
+        gate_quantiles: Sequence[float | None] = (None, 0.5, 0.9),
         **common: int,
     ) -> None:
         super().__init__(**common)
@@ -51,6 +63,9 @@ class FireDefense(RuntimeDefense):
         self.estimate = estimate
         self.alpha = alpha
         self.fpr = fpr
+        self.condition = condition
+        self.select = select
+        self.gate_quantiles = gate_quantiles
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -58,19 +73,58 @@ class FireDefense(RuntimeDefense):
 
     @property
     def forward_passes(self) -> float:
-        return 1.0
+        """1, plus (with a condition) the share of the clean reference that runs the second pass (0 before fit)."""
+        return 1.0 + getattr(self, "second_pass_share_", 0.0)
+
+    def _fire(self, layers: str | list[str], **settings: object) -> FIRE:
+        if self.condition not in CONDITIONS:
+            raise FireDefenseError(f"fire: unknown condition {self.condition!r}; use one of {', '.join(CONDITIONS)}.")
+        condition = None if self.condition == "none" else self.condition
+        options = {"mode": self.mode, "alpha": self.alpha, "fpr": self.fpr, "condition": condition}
+        options |= {"select": self.select, "gate_quantiles": tuple(self.gate_quantiles), **settings}
+        return FIRE(self.model_, layers=layers, batch_size=self.batch_size, **options)
 
     def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:
         if self.estimate not in ESTIMATES:
             raise FireDefenseError(f"fire: unknown estimate {self.estimate!r}; use one of {', '.join(ESTIMATES)}.")
-        layers = self.layers if isinstance(self.layers, str) else list(self.layers)
-        fire = FIRE(self.model_, layers=layers, mode=self.mode, alpha=self.alpha, fpr=self.fpr)
+        fire = self._fire(self.layers if isinstance(self.layers, str) else list(self.layers))
         self.fire_ = fire.fit(clean, poisoned=poisoned) if trigger is None else fire.fit(clean, trigger=trigger)
-        self.thresholds_ = self.fire_.thresholds_
+        self.layers_ = list(self.fire_.layers_)
+        self.second_pass_share_ = second_pass_share(self.fire_, clean)
+        self.setting_ = fitted_setting(self.fire_)
 
     def _decide(self, x: torch.Tensor) -> Decision:
-        scores: dict[str, torch.Tensor] = {}
-        with self.fire_.attached(scores):
-            labels = self._logits(x).argmax(1)
-        margins = [scores[layer] - threshold for layer, threshold in self.thresholds_.items()]
-        return Decision(labels, torch.stack(margins).amax(0))
+        return repaired_decision(self.fire_, x)
+
+
+def fitted_setting(fire: FIRE) -> str:
+    """What ``fire`` chose, in words: its layers and, with a condition, its targets and gate quantile."""
+    setting = ", ".join(fire.layers_)
+    if fire.condition is not None:
+        setting += f" targets {fire.condition_.targets} q={fire.gate_quantile_}"
+    return setting
+
+
+def second_pass_share(fire: FIRE, clean: torch.Tensor) -> float:
+    """The share of ``clean`` that ``fire``'s condition sends to the second, repaired pass (0 without one)."""
+    if fire.condition is None:
+        return 0.0
+    module = fire.module()
+    calls: list[int] = []
+    handle = fire.model.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    try:
+        with torch.inference_mode():
+            for batch in clean.split(fire.batch_size):
+                module(batch)
+    finally:
+        handle.remove()
+    return sum(calls) / len(clean) - 1.0
+
+
+def repaired_decision(fire: FIRE, x: torch.Tensor) -> Decision:
+    """Labels of ``fire``'s repaired model; the score is the largest margin of a layer's projection (from the
+    first pass) over its gate threshold."""
+    scores: dict[str, torch.Tensor] = {}
+    labels = fire(x, scores).argmax(1)
+    margins = [scores[layer] - threshold for layer, threshold in fire.thresholds_.items()]
+    return Decision(labels, torch.stack(margins).amax(0))

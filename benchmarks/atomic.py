@@ -1,0 +1,40 @@
+"""Atomic file writes: a result is whole on disk, or absent.
+
+Every file the benchmark keeps (cached cells and latency measurements, the BackdoorBench plugin's
+outputs) is written to a temporary name beside its destination and renamed into place, so a
+killed run never leaves a half-written file where a finished one is looked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_atomically", "write_json_atomically"]
+
+
+def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
+    """Call ``write(temporary)`` for a fresh name beside ``path``, then rename it onto ``path``; returns ``path``.
+
+    The temporary name is unique (process and random suffix), so concurrent writers never share it;
+    on any error it is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    try:
+        write(partial)
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def write_json_atomically(path: str | Path, value: Any) -> Path:
+    """``value`` as indented JSON at ``path``, written atomically (:func:`write_atomically`)."""
+    text = json.dumps(value, indent=1)
+    return write_atomically(path, lambda partial: partial.write_text(text))
