@@ -90,7 +90,7 @@ class KCurve:
 
     ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     mode: str = "match"
-    warmup: int = 5
+    warmup: int = 10
 
     @property
     def defense(self) -> DefenseSpec:

@@ -40,13 +40,17 @@ class Split:
     seed: int
 
     def poisoned_inputs(self, k: int, seed: int | None = None) -> ImageSet:
-        """``k`` poisoned samples from the defender's pool, drawn with ``seed`` (default: the split's)."""
+        """``k`` poisoned samples from the defender's pool, drawn with ``seed`` (default: the split's), in arrival order.
+
+        The draws are nested: the ``k`` inputs are the first ``k`` of one seeded order of the pool, so a
+        larger ``k`` sees the same inputs first, then more (a stream, as the k-curve needs).
+        """
         if not 0 < k <= len(self.poisoned_pool):
             raise FireDefenseError(
                 f"k must be in 1..{len(self.poisoned_pool)} (the defender's poisoned pool), got {k}."
             )
         rng = np.random.default_rng(self.seed if seed is None else seed)
-        return self.poisoned_pool.subset(np.sort(rng.choice(len(self.poisoned_pool), size=k, replace=False)))
+        return self.poisoned_pool.subset(rng.permutation(len(self.poisoned_pool))[:k])
 
 
 def split_record(

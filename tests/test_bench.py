@@ -44,6 +44,7 @@ def test_the_split_is_seeded(record):
     np.testing.assert_array_equal(a.poisoned_pool.indices, b.poisoned_pool.indices)
     np.testing.assert_array_equal(a.clean_reference.indices, b.clean_reference.indices)
     np.testing.assert_array_equal(a.poisoned_inputs(3).indices, b.poisoned_inputs(3).indices)
+    np.testing.assert_array_equal(a.poisoned_inputs(3).indices, a.poisoned_inputs(7).indices[:3])  # nested: a stream
     assert not np.array_equal(a.poisoned_pool.indices, c.poisoned_pool.indices)
 
 

@@ -36,7 +36,7 @@ class FireStream(FireDefense):
         self,
         *,
         mode: str = "match",
-        warmup: int = 5,
+        warmup: int = 10,
         alpha: float = 1.0,
         fpr: float = 0.01,
         condition: str = "target",
