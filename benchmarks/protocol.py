@@ -40,7 +40,7 @@ class Split:
     seed: int
 
     def poisoned_inputs(self, k: int, seed: int | None = None) -> ImageSet:
-        """``k`` poisoned samples from the defender's pool, drawn with ``seed`` (default: the split's), in arrival order.
+        """``k`` poisoned samples from the defender's pool, drawn with ``seed`` (default: the split's).
 
         The draws are nested: the ``k`` inputs are the first ``k`` of one seeded order of the pool, so a
         larger ``k`` sees the same inputs first, then more (a stream, as the k-curve needs).
