@@ -74,6 +74,8 @@ class Recording:
 
 def test_shipped_grids_load_and_name_real_defenses():
     default, quick, fire = load_grid("default"), load_grid("quick"), load_grid("fire")
+    check = load_grid("fire-check")  # FIRE v2's check: existing records, the default's protocol, no k-curve
+    assert check.make is None and check.k_curve is None and check.protocol == default.protocol
     assert fire.protocol.eval_clean is None and {d.label for d in fire.defenses} > {"none", "fire", "fire-v1-gate"}
     assert default.make.attacks == ("badnet", "blended", "sig", "wanet") and default.make.datasets == ("fashionmnist",)
     assert {d.name for d in default.defenses} >= {"none", "fire", "shrinkpad", "jpeg", "clipping", "strip"}
@@ -81,7 +83,7 @@ def test_shipped_grids_load_and_name_real_defenses():
 
 
 def test_grid_errors_name_the_problem(tmp_path, records):
-    with pytest.raises(FireDefenseError, match="shipped grids: default, fire, quick"):
+    with pytest.raises(FireDefenseError, match="shipped grids: default, fire, fire-check, quick"):
         load_grid("nonexistent")
     bad = write_grid(tmp_path / "a.yaml", records, [{"name": "none"}], protocl={"k": 1})
     with pytest.raises(FireDefenseError, match=r"unknown key.*protocl"):
