@@ -253,13 +253,10 @@ class FIRE:
 
         for group in groups:
             hooks = [(layer, repair_hook(layer, repairs[layer])) for layer in done] if repairs is not None else []
-            self._own_passes += 1  # hooks given out by attach() stand aside: these passes carry their own repairs
-            try:
+            with self._own_pass():  # these passes carry their own repairs
                 for stream, batches in streams.items():
                     kept = None if outputs is None else outputs.setdefault(stream, [])
                     capture_activations(self.model, batches, group, sink(stream), hooks, kept)
-            finally:
-                self._own_passes -= 1
             for layer in group if repairs is not None else ():
                 if "poisoned" in stats[layer].counts and "clean" in stats[layer].counts:
                     self._refresh(layer, stats[layer], repairs, len(layers))
@@ -275,10 +272,15 @@ class FIRE:
 
     def _predictions(self, batches: list[torch.Tensor]) -> torch.Tensor:
         """The unrepaired model's outputs on ``batches``, whatever is attached."""
+        with self._own_pass(), torch.inference_mode():
+            return torch.cat([self.model(batch) for batch in batches])
+
+    @contextlib.contextmanager
+    def _own_pass(self) -> Iterator[None]:
+        """FIRE's own passes through the model: the hooks given out by :meth:`attach` stand aside meanwhile."""
         self._own_passes += 1
         try:
-            with torch.inference_mode():
-                return torch.cat([self.model(batch) for batch in batches])
+            yield
         finally:
             self._own_passes -= 1
 
@@ -452,11 +454,13 @@ class FIRE:
 
     # --- the repair ---------------------------------------------------------------------------------------------
 
-    def _hooks(self, scores: dict[str, torch.Tensor] | None = None, user: bool = True) -> list:
-        """The repair hooks at every repaired layer; a user's hooks stand aside while FIRE's own passes run."""
+    def _hooks(self, scores: dict[str, torch.Tensor] | None = None) -> list:
+        """The repair hooks at every repaired layer; they stand aside while FIRE's own passes run."""
         self._require_fitted()
-        active = (lambda: self._own_passes == 0) if user else None
-        return [(layer, repair_hook(layer, self.repairs_[layer], scores, active)) for layer in self.layers_]
+        return [
+            (layer, repair_hook(layer, self.repairs_[layer], scores, lambda: self._own_passes == 0))
+            for layer in self.layers_
+        ]
 
     @contextlib.contextmanager
     def attached(self, scores: dict[str, torch.Tensor] | None = None) -> Iterator[nn.Module]:
