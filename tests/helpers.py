@@ -283,3 +283,15 @@ def write_backdoored_record(root: Path, n_train: int = 600, n_test: int = 300, e
         "fashionmnist", "badnet", model="preactresnet18_w8", train=TrainConfig(epochs=epochs, batch_size=32, lr=0.05)
     )
     return make_record(recipe, root / "record", data_root=root / "data", progress=False).path
+
+
+class ForwardCounter:
+    """Counts the inputs that reach a model's forward (its deep copies included: hooks are copied with it)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.inputs: list[torch.Tensor] = []
+        self.handle = model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0].detach()))
+
+    @property
+    def count(self) -> int:
+        return sum(len(x) for x in self.inputs)

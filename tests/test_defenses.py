@@ -11,7 +11,7 @@ from fire_bench.defenses import RuntimeDefense, create_defense, list_defenses
 from fire_defense import FIRE, FireDefenseError, NotFittedError, UnknownNameError
 from fire_defense.metrics import REJECTED, predict
 
-from helpers import patch, tiny_backdoored_model
+from helpers import ForwardCounter, patch, tiny_backdoored_model
 
 
 @pytest.fixture(scope="module")
@@ -21,18 +21,6 @@ def tiny():
 
 def fitted(name: str, tiny, **params) -> RuntimeDefense:
     return create_defense(name, **params).fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=patch)
-
-
-class ForwardCounter:
-    """Counts the inputs that reach a model's forward (its deep copies included: hooks are copied with it)."""
-
-    def __init__(self, model: torch.nn.Module) -> None:
-        self.inputs: list[torch.Tensor] = []
-        self.handle = model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0].detach()))
-
-    @property
-    def count(self) -> int:
-        return sum(len(x) for x in self.inputs)
 
 
 @pytest.mark.parametrize("name", list_defenses())

@@ -13,7 +13,7 @@ from torch import nn
 from fire_defense import FIRE, MODES, FireDefenseError, NotFittedError, candidate_layers
 from fire_defense.metrics import predict
 
-from helpers import tiny_backdoored_model
+from helpers import ForwardCounter, tiny_backdoored_model
 
 # --- a synthetic model whose backdoor is a known vector at a known layer -----------------------------------------
 
@@ -461,28 +461,26 @@ def test_repairs_are_modules_that_move_save_and_follow_streaming(synthetic):
 # --- FIRE v2: the target condition, the held-out layer choice --------------------------------------------------
 
 
-def _count_passes(model: nn.Module) -> list[int]:
-    calls: list[int] = []
-    model.register_forward_pre_hook(lambda module, inputs: calls.append(len(inputs[0])))
-    return calls
-
-
 def test_target_condition_repairs_only_inputs_sent_to_the_target_in_a_second_pass(synthetic):
     model, clean, test, labels = synthetic
     fire = FIRE(model, layers="encoder", mode="shift", condition="target").fit(clean, trigger=trigger)
     assert fire.condition_.targets == [0]
-    calls = _count_passes(model)
+    counter = ForwardCounter(model)
     mixed = torch.cat([test[:20], trigger(test[20:40])])
     with torch.inference_mode():
         out, plain = fire(mixed), model(mixed)
     sent_to_target = plain.argmax(1) == 0
-    assert calls[:2] == [40, int(sent_to_target.sum())]  # one pass, then only the selected inputs again
+    assert [len(x) for x in counter.inputs[:2]] == [
+        40,
+        int(sent_to_target.sum()),
+    ]  # one pass, then only the selected inputs again
     torch.testing.assert_close(out[~sent_to_target], plain[~sent_to_target])  # the others are untouched
     assert (out.argmax(1) == torch.cat([labels[:20], labels[20:40]])).all()
-    calls.clear()
+    counter.inputs.clear()
     with torch.inference_mode():
         fire(test[labels != 0])  # nothing is sent to the target: a single pass
-    assert calls == [int((labels != 0).sum())]
+    assert [len(x) for x in counter.inputs] == [int((labels != 0).sum())]
+    counter.handle.remove()
     with pytest.raises(FireDefenseError, match="second pass that hooks cannot express"):
         fire.attach()
 
