@@ -3,8 +3,8 @@
 Every number the benchmark reports comes from :func:`evaluate`: the grid's cells
 (:mod:`fire_bench.cells`), ``fire-bench fire-report`` (a grid of its own, ``grids/fire.yaml``) and
 the BackdoorBench plugin (:mod:`fire_bench.backdoorbench.defense`). It fits the defense on the
-defender's data only (the clean reference; ``k`` poisoned inputs or the trigger if the defense
-declares that need), and scores the evaluation part of the split (capped by the protocol's seeded
+defender's data only (the clean reference; its true labels, ``k`` poisoned inputs or the trigger
+if the defense declares that need), and scores the evaluation part of the split (capped by the protocol's seeded
 subsamples; ``None`` caps score all of it) with :func:`fire_defense.metrics.backdoor_metrics`.
 :func:`with_der` adds BackdoorBench's DER against the undefended row of the same split.
 """
@@ -60,10 +60,13 @@ class Defender:
     clean: torch.Tensor
     poisoned: torch.Tensor | None
     trigger: Trigger | None
+    clean_labels: torch.Tensor | None = None  # the clean reference's true labels ("labels" in needs)
 
     def fit(self, defense: RuntimeDefense) -> RuntimeDefense:
         """``defense`` fitted on this data (and returned)."""
-        return defense.fit(self.classifier, self.clean, poisoned=self.poisoned, trigger=self.trigger)
+        return defense.fit(
+            self.classifier, self.clean, poisoned=self.poisoned, trigger=self.trigger, clean_labels=self.clean_labels
+        )
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -74,12 +77,14 @@ class Defender:
 def defender(
     record: Record, split: Split, defense: RuntimeDefense, protocol: Protocol, device: torch.device
 ) -> Defender:
-    """The defender's side of ``split`` for ``defense`` on ``device`` (``protocol.k`` poisoned inputs)."""
+    """The defender's side of ``split`` for ``defense`` on ``device`` (``protocol.k`` poisoned inputs; the clean
+    reference's labels, known since it is drawn from the clean training split, only to a defense that needs them)."""
     return Defender(
         record.classifier().to(device),
         to_tensor(split.clean_reference.images, device),
         to_tensor(split.poisoned_inputs(protocol.k).images, device) if "poisoned" in defense.needs else None,
         _trigger(record) if "trigger" in defense.needs else None,
+        torch.as_tensor(split.clean_reference.labels, device=device) if "labels" in defense.needs else None,
     )
 
 

@@ -2,8 +2,9 @@
 
 From a record, with a seed:
 
-- the defender's **clean reference**: ``clean_size`` samples of the clean *training* split
-  (BackdoorBench's convention: defenses get clean training data), none of those the record says
+- the defender's **clean reference**: ``clean_size`` *labelled* samples of the clean *training*
+  split (BackdoorBench's convention: defenses get labelled clean training data; a defense that
+  lists ``"labels"`` in its ``needs`` is given their true labels), none of those the record says
   the attack poisoned (a record with no fixed poisoned set, e.g. Input-aware's, excludes none);
   or ``int(clean_ratio * len(train))`` of them (BackdoorBench's ``--ratio``); or exactly the
   samples at ``clean_indices`` (its ``--index``: their clean images, whatever the attack did to

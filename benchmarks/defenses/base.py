@@ -8,12 +8,18 @@ never on what it is scored on:
 - ``poisoned``: ``k`` poisoned inputs seen in operation (only defenses that declare ``"poisoned"``
   in :attr:`RuntimeDefense.needs` are given them);
 - ``trigger``: a function that adds the trigger to ``[0, 1]`` images (declared ``"trigger"``:
-  the true trigger, an upper bound for what a reverse-engineering tool would give).
+  the true trigger, an upper bound for what a reverse-engineering tool would give);
+- ``clean_labels``: the clean reference's true labels (declared ``"labels"``; BackdoorBench's
+  convention: defenses get labelled clean training data). ``fit`` stores them as ``clean_labels_``
+  for :meth:`RuntimeDefense._fit`; a defense that does not declare the need never sees them.
 
 Then :meth:`RuntimeDefense.predict` returns labels, with :data:`~fire_defense.metrics.REJECTED`
 where a detector refuses an input, and :meth:`RuntimeDefense.score` a per-sample suspicion
 (higher: more likely poisoned) where the defense has one. :attr:`RuntimeDefense.forward_passes`
 declares the cost: forward passes of the model per input classified (a test counts them).
+A detector calibrated at a clean false-positive rate uses :func:`calibrate_threshold`, whose
+:class:`Threshold` breaks ties at the boundary at random (seeded), so discrete scores reject at
+the stated rate instead of nothing.
 
 Hyperparameters are constructor arguments stored under the same names; what ``fit`` learns ends
 in ``_`` (scikit-learn's conventions). Adding a defense is one file with a registered subclass,
@@ -38,7 +44,9 @@ __all__ = [
     "DEFENSES",
     "Decision",
     "RuntimeDefense",
+    "Threshold",
     "Trigger",
+    "calibrate_threshold",
     "create_defense",
     "list_defenses",
     "neuron_view",
@@ -48,6 +56,41 @@ __all__ = [
 
 Trigger = Callable[[torch.Tensor], torch.Tensor]
 """Adds the trigger to a batch of ``[0, 1]`` images, returning images of the same shape."""
+
+
+class Threshold(NamedTuple):
+    """A detector's boundary: scores above ``value`` are rejected, and scores equal to it with probability ``tie``.
+
+    ``tie = 1`` is the plain rule ``score >= value``, ``tie = 0`` the strict ``score > value``; in between, the
+    boundary splits a tie at random (seeded), a randomised test whose clean rejection rate is exactly the
+    calibrated one even where many clean scores share the boundary value.
+    """
+
+    value: float
+    tie: float = 1.0
+
+
+def calibrate_threshold(scores: torch.Tensor, fpr: float) -> Threshold:
+    """The boundary that rejects exactly a share ``fpr`` of ``scores`` (higher: more suspicious), ties included.
+
+    ``value`` is the smallest score ``v`` with at most ``fpr`` of the scores above it; the scores equal to
+    ``v`` are then rejected with probability ``tie = (fpr - share above v) / share at v``, so the expected
+    rejection rate on ``scores`` is ``fpr`` whatever the ties (with distinct scores: ``>=`` at the empirical
+    ``1 - fpr`` quantile, give or take one sample). Scores are compared in float32, as detectors return them.
+
+    Raises:
+        FireDefenseError: ``fpr`` is not in ``(0, 1)`` or ``scores`` is empty or not finite.
+    """
+    if not 0 < fpr < 1:
+        raise FireDefenseError(f"fpr must be in (0, 1), got {fpr}; pass e.g. fpr=0.01.")
+    scores = scores.detach().flatten().float().cpu()
+    if not len(scores) or not torch.isfinite(scores).all():
+        raise FireDefenseError("cannot calibrate a threshold on empty or non-finite clean scores; check the model.")
+    values, counts = scores.unique(sorted=True, return_counts=True)
+    above = (counts.flip(0).cumsum(0).flip(0) - counts).double() / len(scores)  # share strictly above each value
+    value = int(torch.nonzero(above <= fpr)[0])  # above decreases along the values: the first that fits
+    at = float(counts[value]) / len(scores)
+    return Threshold(float(values[value]), min(1.0, (fpr - float(above[value])) / at))
 
 
 class Decision(NamedTuple):
@@ -76,7 +119,7 @@ class RuntimeDefense(ABC):
     rejects: ClassVar[bool] = False  # a detector: refuses inputs instead of correcting them
     # forward_passes is measured at fit on the clean reference (some inputs run a second pass), not fixed
     cost_varies: ClassVar[bool] = False
-    needs: frozenset[str] = frozenset()  # of {"poisoned", "trigger"}; a property where it depends on params
+    needs: frozenset[str] = frozenset()  # of {"poisoned", "trigger", "labels"}; a property where it depends on params
     source: ClassVar[str] = ""  # the paper it follows
 
     def __init__(self, *, batch_size: int = 256, pass_batch: int = 64, seed: int = 0) -> None:
@@ -107,12 +150,14 @@ class RuntimeDefense(ABC):
         clean: torch.Tensor,
         poisoned: torch.Tensor | None = None,
         trigger: Trigger | None = None,
+        clean_labels: torch.Tensor | None = None,
     ) -> RuntimeDefense:
         """Fit on the defender's data (module docstring) and return ``self``.
 
         Raises:
-            FireDefenseError: the model is training, ``clean`` is empty or not an image batch, or a
-                declared need (``poisoned`` / ``trigger``) is missing.
+            FireDefenseError: the model is training, ``clean`` is empty or not an image batch, ``clean_labels``
+                is not one integer label per clean input, or a declared need (``poisoned`` / ``trigger`` /
+                ``labels``) is missing.
         """
         if self.batch_size < 1 or self.pass_batch < 1:
             raise FireDefenseError(
@@ -123,13 +168,24 @@ class RuntimeDefense(ABC):
         for what, data in (("clean", clean), ("poisoned", poisoned)):
             if data is not None and (not isinstance(data, torch.Tensor) or data.ndim != 4 or len(data) == 0):
                 raise FireDefenseError(f"{self.name}: {what} inputs must be a non-empty (N, C, H, W) tensor.")
-        given = {"poisoned": poisoned, "trigger": trigger}
+        if clean_labels is not None and (
+            not isinstance(clean_labels, torch.Tensor)
+            or clean_labels.shape != (len(clean),)
+            or clean_labels.is_floating_point()
+            or clean_labels.is_complex()
+        ):
+            raise FireDefenseError(
+                f"{self.name}: clean_labels must be an integer tensor of one label per clean input ({len(clean)},)."
+            )
+        given = {"poisoned": poisoned, "trigger": trigger, "labels": clean_labels}
         missing = [need for need in sorted(self.needs) if given[need] is None]
         if missing:
-            raise FireDefenseError(f"{self.name} needs {' and '.join(missing)} to fit; pass {missing[0]}=...")
+            argument = "clean_labels" if missing[0] == "labels" else missing[0]
+            raise FireDefenseError(f"{self.name} needs {' and '.join(missing)} to fit; pass {argument}=...")
         self.model_ = model
         self.generator_ = torch.Generator().manual_seed(self.seed)
         device = module_device(model)
+        self.clean_labels_ = clean_labels.long().to(device) if "labels" in self.needs else None
         self._fit(
             clean.to(device),
             poisoned.to(device) if poisoned is not None and "poisoned" in self.needs else None,
@@ -198,9 +254,23 @@ class RuntimeDefense(ABC):
             raise FireDefenseError(f"{self.name}: the model has no known stage outputs; name the layer.")
         return stages[-1]
 
-    def _reject_above(self, labels: torch.Tensor, scores: torch.Tensor, threshold: float) -> Decision:
-        """The detector's decision: ``labels``, with inputs scoring above ``threshold`` rejected."""
-        return Decision(torch.where(scores > threshold, torch.full_like(labels, REJECTED), labels), scores)
+    def _reject_above(self, labels: torch.Tensor, scores: torch.Tensor, threshold: float | Threshold) -> Decision:
+        """The detector's decision: ``labels``, with inputs scoring above ``threshold`` rejected.
+
+        A float rejects ``scores > threshold``; a :class:`Threshold` also rejects scores equal to its value with
+        probability ``tie`` (drawn from ``generator_`` only where that is strictly between 0 and 1).
+        """
+        if not isinstance(threshold, Threshold):
+            return Decision(torch.where(scores > threshold, torch.full_like(labels, REJECTED), labels), scores)
+        value = torch.tensor(threshold.value, dtype=torch.float32)
+        scores32 = scores.float()
+        reject = scores32 > value.to(scores.device)
+        if threshold.tie >= 1:
+            reject |= scores32 == value.to(scores.device)
+        elif threshold.tie > 0:
+            draws = torch.rand(len(scores), generator=self.generator_).to(scores.device)
+            reject |= (scores32 == value.to(scores.device)) & (draws < threshold.tie)
+        return Decision(torch.where(reject, torch.full_like(labels, REJECTED), labels), scores)
 
 
 def per_neuron(activations: torch.Tensor) -> torch.Tensor:

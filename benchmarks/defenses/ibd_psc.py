@@ -7,17 +7,23 @@ trigger's prediction keeps it. Layer selection (the paper's Algorithm 1): starti
 BatchNorm nearest the head, amplify one more layer at a time and stop at the first depth ``k``
 whose error rate on benign samples exceeds ``xi``. The parameter-oriented scaling consistency
 ``PSC(x)`` is the mean, over the models with the last ``k, ..., k + n - 1`` layers amplified (its
-Eq. 4), of the softmax confidence in the label the deployed model predicts; ``PSC(x) > T`` is
-rejected. The paper's settings: ``omega = 1.5``, ``n = 5``, ``xi = 0.6``, ``T = 0.9``.
+Eq. 4), of the softmax confidence in the label the deployed model predicts; an input whose PSC
+reaches ``T`` is rejected (``PSC(x) >= T``, as the released code). The paper's settings:
+``omega = 1.5``, ``n = 5``, ``xi = 0.6``, ``T = 0.9``.
 
-Ours: the clean reference is unlabelled, so the "error rate" is disagreement with the deployed
-model's own predictions. BatchNorm order is definition order (``named_modules``), reversed. If no
-depth crosses ``xi``, ``k`` is the number of BatchNorm layers (where Algorithm 1 stops); depths
-past the last layer are dropped, so the ensemble (and the cost) can be smaller than ``n``. The
-released code (BackdoorBox) amplifies one more layer per member than Eq. 4 and repeats the fully
-amplified model instead; we follow the equation. The amplified models are deep copies made at
-fit; the deployed model is never modified. Only ``nn.BatchNorm2d`` layers with affine parameters
-are amplified, as in the paper and its code.
+Ours: the error rate is against the clean reference's true labels (``needs = {"labels"}``, the
+paper's benign samples and BackdoorBox's labelled ``valset``); ``use_labels=False`` counts
+disagreement with the deployed model's own predictions instead (an unlabelled reference).
+BatchNorm order is definition order (``named_modules``), reversed. If no depth crosses ``xi``,
+``k`` is the number of BatchNorm layers (where Algorithm 1 stops); depths past the last layer are
+dropped, so the ensemble (and the cost) can be smaller than ``n``. The released code (BackdoorBox)
+amplifies one more layer per member than Eq. 4 (``k + 1, ..., k + n``) and repeats the fully
+amplified model past the last layer; we follow the equation. Its bugs, not reproduced: when no
+depth crosses ``xi`` its ``prob_start`` returns ``None`` and scoring fails, it never tries the
+fully amplified model in that search, and its ``test`` scores only the inputs whose prediction
+equals their label. The amplified models are deep copies made at fit; the deployed model is
+never modified. Only ``nn.BatchNorm2d`` layers with affine parameters are amplified, as in the
+paper (the released code counts every ``BatchNorm2d``).
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import copy
 import torch
 from torch import nn
 
-from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
+from fire_bench.defenses.base import Decision, RuntimeDefense, Threshold, Trigger, register_defense
 from fire_defense import FireDefenseError
 
 __all__ = ["IbdPsc"]
@@ -46,7 +52,9 @@ class IbdPsc(RuntimeDefense):
         n: Amplified models averaged (consecutive depths from the selected ``k``).
         omega: Factor applied to the weight and bias of each amplified BatchNorm layer.
         xi: Error rate on the clean reference at which layer selection stops.
-        threshold: ``T``: inputs with PSC above it are rejected.
+        threshold: ``T``: inputs with PSC at or above it are rejected.
+        use_labels: Measure that error against the reference's true labels (``needs = {"labels"}``);
+            ``False``: against the deployed model's predictions.
     """
 
     name = "ibd-psc"
@@ -54,13 +62,25 @@ class IbdPsc(RuntimeDefense):
     source = "Hou et al., IBD-PSC: Input-level Backdoor Detection via Parameter-oriented Scaling Consistency, ICML 2024"
 
     def __init__(
-        self, *, n: int = 5, omega: float = 1.5, xi: float = 0.6, threshold: float = 0.9, **common: int
+        self,
+        *,
+        n: int = 5,
+        omega: float = 1.5,
+        xi: float = 0.6,
+        threshold: float = 0.9,
+        use_labels: bool = True,
+        **common: int,
     ) -> None:
         super().__init__(**common)
         self.n = n
         self.omega = omega
         self.xi = xi
         self.threshold = threshold
+        self.use_labels = use_labels
+
+    @property
+    def needs(self) -> frozenset[str]:  # type: ignore[override]
+        return frozenset({"labels"}) if self.use_labels else frozenset()
 
     @property
     def forward_passes(self) -> float:
@@ -80,7 +100,7 @@ class IbdPsc(RuntimeDefense):
         members: list[nn.Module] = []
         self.start_depth_ = None
         with torch.no_grad():  # not inference_mode: the copies' parameters must stay ordinary tensors
-            reference = self._logits(clean).argmax(1)
+            reference = self.clean_labels_ if self.clean_labels_ is not None else self._logits(clean).argmax(1)
             for depth, layer in enumerate(layers, start=1):
                 layer.weight.mul_(self.omega)
                 layer.bias.mul_(self.omega)
@@ -96,7 +116,8 @@ class IbdPsc(RuntimeDefense):
         if self.start_depth_ is None:  # no depth crossed xi: Algorithm 1 ends at the last layer
             self.start_depth_, members = len(layers), [scaled]
         self.scaled_models_ = members
-        self.threshold_ = self.threshold
+        self.threshold_ = Threshold(float(self.threshold))  # PSC >= T
+        self.setting_ = f"k={self.start_depth_}, {len(members)} amplified models"
 
     def psc(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The deployed model's labels for ``x`` and their PSC: mean amplified-model confidence in them."""
