@@ -6,6 +6,7 @@ import argparse
 import sys
 from collections import Counter
 from collections.abc import Sequence
+from pathlib import Path
 
 from fire_adapters.attacks import list_attacks
 from fire_adapters.datasets import DATASETS, DatasetNotFoundError, find_dataset
@@ -13,10 +14,13 @@ from fire_adapters.factory import RecordRecipe, make_records
 from fire_adapters.models import list_models
 from fire_adapters.records import load_record
 from fire_adapters.training import TrainConfig
+from fire_defense import FireDefenseError
 from fire_defense.errors import run_cli
 
 
 def _datasets(args: argparse.Namespace) -> None:
+    if args.data and not Path(args.data).is_dir():
+        raise FireDefenseError(f"--data {args.data} is not a folder; point it at the folder that holds the datasets.")
     for name in DATASETS:
         spec = DATASETS.get(name)
         try:

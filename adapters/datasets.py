@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from fire_adapters.images import ImageSet
 from fire_adapters.safe_load import safe_unpickle
 from fire_defense import FireDefenseError, Registry
+from fire_defense.errors import first_line
 from fire_defense.progress import progress_bar
 
 __all__ = [
@@ -120,8 +121,14 @@ def user_cache_dir() -> Path:
 def _candidate_dirs(spec: DatasetSpec, root: str | Path | None, backdoorbench_data: str | Path | None) -> list[Path]:
     """Folders to search, in the documented order."""
     candidates: list[Path] = []
-    for parent in (root, os.environ.get("FIRE_DATA")):
+    for parent, what in ((root, "the data folder (--data / data_root)"), (os.environ.get("FIRE_DATA"), "$FIRE_DATA")):
         if parent:
+            if not Path(parent).is_dir():
+                problem = "is not a folder" if Path(parent).exists() else "does not exist"
+                raise DatasetNotFoundError(
+                    f"{what} {parent} {problem}; point it at the folder that holds the datasets "
+                    "(or leave it unset to search the default places)."
+                )
             candidates += [Path(parent) / spec.name, Path(parent)]
     candidates.append(Path(backdoorbench_data) if backdoorbench_data else Path.cwd() / "data" / spec.name)
     candidates += [Path(d.format(cache=user_cache_dir())).expanduser() for d in spec.system_dirs]
@@ -219,16 +226,36 @@ def _pil_to_array(image: Image.Image, spec: DatasetSpec) -> np.ndarray:
     return array[..., None] if array.ndim == 2 else array
 
 
-def read_image(path: Path, what: str, fix: str, error: type[FireDefenseError] = FireDefenseError) -> Image.Image:
-    """An image file, fully read; a missing or corrupt file is one line naming it and ``fix``."""
+def read_image(
+    path: Path,
+    what: str,
+    fix: str,
+    error: type[FireDefenseError] = FireDefenseError,
+    size: tuple[int, int] | None = None,
+    size_fix: str | None = None,
+) -> Image.Image:
+    """An image file, fully read; a missing, corrupt or oversized file is one line naming it and ``fix``.
+
+    Args:
+        size: ``(width, height)`` the image must have; checked from its header, before decoding.
+        size_fix: What to say when the size differs (default: the expected size and ``fix``).
+    """
     try:
         with Image.open(path) as image:
+            if size is not None and image.size != tuple(size):
+                width, height = image.size
+                expected = size_fix or f"{size[1]}x{size[0]} images were expected; {fix}"
+                raise error(f"{what} {path} is {height}x{width} but {expected}.")
             image.load()
             return image.copy()
+    except FireDefenseError:
+        raise
     except FileNotFoundError:
         raise error(f"{what} {path} is missing; {fix}.") from None
-    except (UnidentifiedImageError, OSError) as problem:
-        raise error(f"{what} {path} is corrupt ({problem}); {fix}.") from None
+    except Image.DecompressionBombError as problem:
+        raise error(f"{what} {path} claims too many pixels to decode safely ({problem}); {fix}.") from None
+    except Exception as problem:  # noqa: BLE001 - Pillow raises many types on a corrupt or hostile file
+        raise error(f"{what} {path} is corrupt ({first_line(problem)}); {fix}.") from None
 
 
 def _read_image_files(paths: Sequence[Path], spec: DatasetSpec, desc: str) -> np.ndarray:

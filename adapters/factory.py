@@ -13,8 +13,10 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from numbers import Integral
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -37,6 +39,7 @@ __all__ = [
     "load_attack",
     "make_record",
     "make_records",
+    "prepare_out_dir",
     "summary_csv",
 ]
 
@@ -69,6 +72,10 @@ class RecordRecipe:
         return f"{self.dataset}_{self.model}_{self.attack}_seed{self.seed}"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.seed, Integral) or isinstance(self.seed, bool) or self.seed < 0:
+            raise FireDefenseError(f"a recipe's seed must be an integer >= 0, got {self.seed!r}.")
+        if not isinstance(self.train, TrainConfig):
+            raise FireDefenseError(f"a recipe's train must be a TrainConfig, got {type(self.train).__name__}.")
         clash = {"dataset", "seed"} & set(self.attack_params)
         if clash:
             raise FireDefenseError(
@@ -122,6 +129,27 @@ def load_attack(record: Record) -> Attack:
     return attack.load_state_dict(meta.get("attack_state", {}))
 
 
+def prepare_out_dir(out_dir: str | Path) -> Path:
+    """Create ``out_dir`` and test-write it, so a bad ``--out`` fails before any training, not after.
+
+    Raises:
+        FireDefenseError: it is a file, or cannot be created or written.
+    """
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FireDefenseError(f"the output folder {out_dir} is a file; pass a folder for the records (--out).")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as error:
+        raise FireDefenseError(
+            f"cannot write records into {out_dir} ({error.strerror or type(error).__name__}); "
+            "pass a writable folder (--out)."
+        ) from None
+    return out_dir
+
+
 def find_made_record(recipe: RecordRecipe, out_dir: str | Path) -> MadeRecord | None:
     """The record made from ``recipe`` in ``out_dir``, if there is one (nothing is trained).
 
@@ -158,6 +186,7 @@ def make_record(
     path = Path(out_dir) / recipe.name
     if not overwrite and (found := find_made_record(recipe, out_dir)) is not None:
         return found
+    prepare_out_dir(out_dir)
     spec = get_dataset_spec(recipe.dataset)
     train = load_dataset(spec, "train", root=data_root)
     test = load_dataset(spec, "test", root=data_root)
@@ -217,7 +246,7 @@ def make_records(
             as each finishes, e.g. ``fire_bench``'s executors (several at once). Default: one after
             another in this process.
     """
-    out_dir = Path(out_dir)
+    out_dir = prepare_out_dir(out_dir)
     found = {} if overwrite else {r.name: m for r in recipes if (m := find_made_record(r, out_dir)) is not None}
     todo = [recipe for recipe in recipes if recipe.name not in found]
     if todo and progress:

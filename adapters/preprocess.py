@@ -60,6 +60,11 @@ class InputNormalization(nn.Module):
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+            raise FireDefenseError(
+                f"expected float images in [0, 1], got {got}; convert uint8 images with to_tensor (x / 255)."
+            )
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise FireDefenseError(
                 f"expected images (N, {self.in_channels}, H, W) in [0, 1], got shape {tuple(x.shape)}."

@@ -34,10 +34,17 @@ from fire_adapters.models import MODELS, TIMM_PREFIX, create_model, load_model_s
 from fire_adapters.preprocess import with_normalization
 from fire_adapters.safe_load import safe_torch_load
 from fire_defense import FireDefenseError
-from fire_defense.errors import first_line
 from fire_defense.progress import progress_bar
 
-__all__ = ["RECORD_FILE", "Record", "RecordError", "load_record", "read_record_file", "save_record"]
+__all__ = [
+    "RECORD_FILE",
+    "Record",
+    "RecordError",
+    "backdoorbench_data_dir",
+    "load_record",
+    "read_record_file",
+    "save_record",
+]
 
 RECORD_FILE = "attack_result.pt"
 REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
@@ -89,7 +96,7 @@ class Record:
         return load_dataset(self.dataset, "train", root=self.data_dir)
 
 
-def _backdoorbench_data_dir(record_dir: Path, data_path: str) -> Path | None:
+def backdoorbench_data_dir(record_dir: Path, data_path: str) -> Path | None:
     """BackdoorBench's data folder for a record at ``<root>/record/<name>``, else ``None``."""
     record_dir = record_dir.resolve()
     if record_dir.parent.name != "record":
@@ -115,8 +122,33 @@ def _resolve_in_record(stored: str, record_dir: Path) -> Path:
     return resolved
 
 
+def _integer(value: Any) -> int | None:
+    """``value`` as an int if it is an integer (Python, numpy or 0-d integer tensor), else ``None``."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
+        return int(value)
+    return None
+
+
+def _integer_array(value: Any) -> np.ndarray | None:
+    """``value`` as a flat int64 array if it holds integers (or integral floats, like BackdoorBench's indicator)."""
+    try:
+        array = np.asarray(value).reshape(-1)
+    except (TypeError, ValueError):
+        return None
+    if array.dtype.kind in "biu":
+        return array.astype(np.int64)
+    if array.dtype.kind == "f" and np.isfinite(array).all() and (array == np.round(array)).all():
+        return array.astype(np.int64)
+    return None
+
+
 def _read_png(path: Path, spec: DatasetSpec) -> np.ndarray:
-    array = np.asarray(read_image(path, "poisoned image", "copy the record's whole folder again", RecordError))
+    height, width, _ = spec.img_size
+    mismatch = f"{spec.name} images are {height}x{width}; the record was made on another dataset or image size"
+    fix = "copy the record's whole folder again"
+    array = np.asarray(read_image(path, "poisoned image", fix, RecordError, size=(width, height), size_fix=mismatch))
     if array.ndim == 2:
         array = array[..., None]
     if array.shape != spec.img_size or array.dtype != np.uint8:
@@ -127,18 +159,28 @@ def _read_png(path: Path, spec: DatasetSpec) -> np.ndarray:
     return array
 
 
-def _read_poisoned_split(state: Any, split: str, record_dir: Path, spec: DatasetSpec, clean: ImageSet) -> ImageSet:
+def _read_poisoned_split(
+    state: Any, split: str, record_dir: Path, spec: DatasetSpec, clean: ImageSet, num_classes: int
+) -> ImageSet:
     """The poisoned samples a ``bd_test``/``bd_train`` state describes, read from their PNG files."""
     where = f"{record_dir / RECORD_FILE} ({split})"
+    fix = "the record is damaged: copy it again or rebuild it"
     try:
-        entries = {int(k): v for k, v in state["bd_data_container"]["data_dict"].items()}
-        indicator = np.asarray(state["poison_indicator"]).reshape(-1)
-        listed = np.asarray(state["original_index_array"], dtype=np.int64).reshape(-1)
+        stored = state["bd_data_container"]["data_dict"]
+        entries = {_integer(k): v for k, v in stored.items()}
+        indicator = _integer_array(state["poison_indicator"])
+        listed = _integer_array(state["original_index_array"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise RecordError(
             f"{where} is not a BackdoorBench dataset state (bd_data_container.data_dict, poison_indicator, "
             "original_index_array)."
         ) from None
+    if None in entries:
+        raise RecordError(f"{where}: data_dict keys must be integer sample indices; {fix}.")
+    if indicator is None or not np.isin(indicator, (0, 1)).all():
+        raise RecordError(f"{where}: poison_indicator must be an array of 0s and 1s; {fix}.")
+    if listed is None:
+        raise RecordError(f"{where}: original_index_array must be an array of integer sample indices; {fix}.")
     if len(indicator) != len(clean):
         raise RecordError(
             f"{where} covers {len(indicator)} samples but the {spec.name} {split} split found has {len(clean)}; "
@@ -154,12 +196,24 @@ def _read_poisoned_split(state: Any, split: str, record_dir: Path, spec: Dataset
     labels = np.empty(len(indices), dtype=np.int64)
     targets = np.empty(len(indices), dtype=np.int64)
     for i, index in enumerate(progress_bar(indices, desc=f"{split} PNGs", unit="img", leave=False, min_total=2000)):
+        entry = entries[int(index)]
         try:
-            path, (target, label) = entries[int(index)]["path"], entries[int(index)]["other_info"][:2]
-        except (KeyError, TypeError, ValueError):
+            path, info = entry["path"], list(entry["other_info"][:2])
+        except (KeyError, TypeError, ValueError, IndexError):
             raise RecordError(f"{where} entry {int(index)} lacks a path or [bd_label, label] other_info.") from None
+        target, label = (_integer(v) for v in info) if len(info) == 2 else (None, None)
+        if target is None or label is None or not isinstance(path, str) or "\0" in path:
+            raise RecordError(
+                f"{where} entry {int(index)} needs a path string and other_info [bd_label, label] as integers "
+                f"(got path {type(path).__name__}, other_info {info!r:.60}); {fix}."
+            )
+        if not 0 <= target < num_classes:
+            raise RecordError(
+                f"{where} entry {int(index)} has target label {target}, outside the model's {num_classes} classes; "
+                f"{fix}."
+            )
         images[i] = _read_png(_resolve_in_record(path, record_dir), spec)
-        targets[i], labels[i] = int(target), int(label)
+        targets[i], labels[i] = target, label
     disagree = np.flatnonzero(labels != clean.labels[indices])
     if len(disagree):
         raise RecordError(
@@ -206,12 +260,19 @@ def load_record(record_dir: str | Path, data_root: str | Path | None = None, dow
     """
     record_dir, raw = read_record_file(record_dir)
     record_file = record_dir / RECORD_FILE
+    if not isinstance(raw["clean_data"], str) or not isinstance(raw["model_name"], str):
+        raise RecordError(f"{record_file}: clean_data and model_name must be names (strings); the record is damaged.")
+    spec = get_dataset_spec(raw["clean_data"])
+    model_name, num_classes = raw["model_name"], _integer(raw["num_classes"])
     try:
-        spec = get_dataset_spec(str(raw["clean_data"]))
-        img_size = tuple(int(v) for v in raw["img_size"])
-        model_name, num_classes = str(raw["model_name"]), int(raw["num_classes"])
-    except (TypeError, ValueError) as error:
-        raise RecordError(f"{record_file} has a malformed img_size or num_classes ({first_line(error)}).") from None
+        img_size = tuple(_integer(v) for v in raw["img_size"])
+    except TypeError:
+        img_size = (None,)
+    if num_classes is None or None in img_size:
+        raise RecordError(
+            f"{record_file} has a malformed img_size or num_classes (img_size {raw['img_size']!r:.40}, "
+            f"num_classes {raw['num_classes']!r:.40}); they must be integers: the record is damaged."
+        )
     if img_size != spec.img_size:
         raise RecordError(
             f"{record_file} says img_size {list(img_size)} but {spec.name} is {list(spec.img_size)}; "
@@ -219,17 +280,32 @@ def load_record(record_dir: str | Path, data_root: str | Path | None = None, dow
         )
     if num_classes != spec.num_classes:
         raise RecordError(f"{record_file} says num_classes {num_classes} but {spec.name} has {spec.num_classes}.")
+    weights = raw["model"]
+    if isinstance(weights, Mapping):
+        wrong = [str(k) for k, v in weights.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)]
+        if wrong:
+            raise RecordError(
+                f"the model in {record_file} holds non-tensor entries ({', '.join(wrong[:3])}) where a state dict "
+                "of tensors was expected; the record is damaged: copy it again or rebuild it."
+            )
     model = create_model(model_name, num_classes)
-    load_model_state(model, raw["model"], source=f"the model in {record_file}")
+    load_model_state(model, weights, source=f"the model in {record_file}")
 
-    bb_data = _backdoorbench_data_dir(record_dir, str(raw["data_path"]))
+    bb_data = backdoorbench_data_dir(record_dir, str(raw["data_path"]))
     data_dir, _ = find_dataset(spec, root=data_root, download=download, backdoorbench_data=bb_data)
     clean_test = load_dataset(spec, "test", root=data_dir)
-    poisoned_test = _read_poisoned_split(raw["bd_test"], "test", record_dir, spec, clean_test)
+    poisoned_test = _read_poisoned_split(raw["bd_test"], "test", record_dir, spec, clean_test, num_classes)
     bd_train = raw["bd_train"]
     train_poison = None
-    if isinstance(bd_train, Mapping) and "poison_indicator" in bd_train:
-        train_poison = np.flatnonzero(np.asarray(bd_train["poison_indicator"]) == 1).astype(np.int64)
+    if bd_train is not None and not isinstance(bd_train, Mapping):
+        raise RecordError(f"{record_file}: bd_train must be a dataset state or None; the record is damaged.")
+    if bd_train is not None and "poison_indicator" in bd_train:
+        indicator = _integer_array(bd_train["poison_indicator"])
+        if indicator is None or not np.isin(indicator, (0, 1)).all():
+            raise RecordError(
+                f"{record_file} (train): poison_indicator must be an array of 0s and 1s; the record is damaged."
+            )
+        train_poison = np.flatnonzero(indicator == 1).astype(np.int64)
     return Record(
         path=record_dir,
         model_name=model_name,
@@ -344,11 +420,19 @@ def save_record(
     clash = set(metadata or {}) & set(REQUIRED_KEYS)
     if clash:
         raise FireDefenseError(f"metadata may not override record keys {sorted(clash)}.")
+    if _integer(num_classes) is None or num_classes != spec.num_classes:
+        raise FireDefenseError(f"num_classes must be {spec.name}'s {spec.num_classes}, got {num_classes!r}.")
     for split, poisoned in (("test", poisoned_test), ("train", poisoned_train)):
         if poisoned is not None and poisoned.images.shape[1:] != spec.img_size:
             raise FireDefenseError(
                 f"poisoned {split} images are {poisoned.images.shape[1:]} but {spec.name} images are {spec.img_size}."
             )
+        for name in ("labels", "targets"):
+            values = None if poisoned is None else getattr(poisoned, name)
+            if values is not None and len(values) and (values.min() < 0 or values.max() >= num_classes):
+                raise FireDefenseError(
+                    f"poisoned {split} {name} span {values.min()}..{values.max()}, outside the {num_classes} classes."
+                )
     if poisoned_train is not None and train_size is None:
         raise FireDefenseError("save_record needs train_size with poisoned_train.")
     if record_dir.exists() and not overwrite:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import codecs
 import pickle
 import re
-import zipfile
 from pathlib import Path
 from typing import IO, Any
 
@@ -22,7 +21,7 @@ import numpy as np
 import torch
 
 from fire_defense import FireDefenseError
-from fire_defense.errors import first_line
+from fire_defense.errors import first_line, torch_load_reason
 
 try:  # numpy >= 2 keeps the implementation in numpy._core
     from numpy._core import multiarray as _multiarray
@@ -52,6 +51,7 @@ ALLOWED_NUMPY_GLOBALS: dict[str, Any] = {
 _NUMERIC_DTYPE_CLASSES = [type(np.dtype(code)) for code in "?bhilqBHILQefdgFDG"]
 
 _UNSUPPORTED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+_UNSUPPORTED_CLASS = re.compile(r"but got <class '([\w.]+)'>")
 
 
 def _refusal(path: Path, name: str) -> UnsafeFileError:
@@ -78,15 +78,17 @@ def safe_torch_load(path: str | Path) -> Any:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        match = _UNSUPPORTED_GLOBAL.search(str(error))
+        match = _UNSUPPORTED_GLOBAL.search(str(error)) or _UNSUPPORTED_CLASS.search(str(error))
         if match:
             raise _refusal(path, match.group(1)) from None
         raise FireDefenseError(
-            f"{path} could not be unpickled safely ({first_line(error)}); it was not loaded."
+            f"{path} is not a torch file that loads safely ({torch_load_reason(error)}); it was not loaded: "
+            "re-copy it, or re-save it from trusted code with only tensors, numpy arrays and plain values."
         ) from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as error:
+    except Exception as error:  # noqa: BLE001 - a corrupt or hostile file raises many types (KeyError, ...)
         raise FireDefenseError(
-            f"{path} is not a readable torch file ({first_line(error)}); it may be truncated or corrupt: re-copy it."
+            f"{path} is not a readable torch file ({torch_load_reason(error)}); it may be truncated or corrupt: "
+            "re-copy it."
         ) from None
 
 

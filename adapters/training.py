@@ -9,6 +9,7 @@ randomised per batch (Input-aware, WaNet's noise mode) adjust each batch through
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -26,6 +27,15 @@ from fire_defense.metrics import backdoor_metrics, predict
 from fire_defense.progress import progress_bar
 
 __all__ = ["TrainConfig", "augment", "evaluate", "train_backdoored_model"]
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_finite(value: Any) -> bool:
+    """A real number (not a bool) that is neither NaN nor infinite."""
+    return (_is_integer(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -47,8 +57,16 @@ class TrainConfig:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise FireDefenseError(f"epochs and batch_size must be >= 1 and lr > 0; got {self}.")
+        checks = {
+            "epochs must be an integer >= 1": _is_integer(self.epochs) and self.epochs >= 1,
+            "batch_size must be an integer >= 1": _is_integer(self.batch_size) and self.batch_size >= 1,
+            "lr must be a finite number > 0": _is_finite(self.lr) and self.lr > 0,
+            "momentum must be in [0, 1)": _is_finite(self.momentum) and 0 <= self.momentum < 1,
+            "weight_decay must be a finite number >= 0": _is_finite(self.weight_decay) and self.weight_decay >= 0,
+        }
+        problems = [problem for problem, ok in checks.items() if not ok]
+        if problems:
+            raise FireDefenseError(f"training settings: {'; '.join(problems)} (got {self}).")
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

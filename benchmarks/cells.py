@@ -4,10 +4,12 @@ A :class:`Cell`'s result is the row :func:`fire_bench.evaluation.evaluate` retur
 :class:`LatencyCell`'s is the defense's cost (latency per sample and its ratio to the undefended
 model at each batch size, peak memory, fitting time), measured after every cell, one at a time.
 Each result is a JSON file named by a hash of everything it is computed from (the record's
-content, the defense and its parameters, the protocol, the seed, the latency settings, a code
-version), written atomically: an interrupted run leaves no partial result, and a finished one is
-never computed again. Cells run in worker processes (``fire_bench.executors``); everything a
-worker needs travels in the :class:`Cell`.
+content and its poisoned images, the clean dataset's files it reads, the defense and its
+parameters, the protocol, the seed, the latency settings, a code version), written atomically: an
+interrupted run leaves no partial result, and a finished one is never computed again. A cache file
+that is not a whole result (truncated, empty, another cell's) is named, moved aside to
+``<name>.corrupt`` and computed again. Cells run in worker processes (``fire_bench.executors``);
+everything a worker needs travels in the :class:`Cell`.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
@@ -23,16 +26,18 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from fire_adapters import Record, load_record, to_tensor
-from fire_adapters.records import read_record_file
+from fire_adapters.datasets import find_dataset, get_dataset_spec
+from fire_adapters.records import backdoorbench_data_dir, read_record_file
 from fire_bench.atomic import write_json_atomically
 from fire_bench.defenses import RuntimeDefense, create_defense
 from fire_bench.evaluation import defender, evaluate, protocol_split
 from fire_bench.grid import DefenseSpec, Latency, Protocol
 from fire_bench.protocol import Split
 from fire_bench.timing import interleaved_ratio, peak_memory_mb
-from fire_defense import resolve_device
+from fire_defense import FireDefenseError, resolve_device
 
 __all__ = [
     "CACHE_VERSION",
@@ -40,12 +45,14 @@ __all__ = [
     "Cell",
     "LatencyCell",
     "cached_result",
+    "data_fingerprint",
+    "folder_digest",
     "record_fingerprint",
     "run_cell",
     "run_latency",
 ]
 
-CACHE_VERSION = 4  # bump when a change to the code changes what a cell computes
+CACHE_VERSION = 5  # bump when a change to the code changes what a cell computes
 
 TIMING_KEYS = frozenset({"train_seconds"})
 """Keys of ``attack_result.pt`` that say how long the record took to make, not what it is: not fingerprinted."""
@@ -93,6 +100,53 @@ def record_fingerprint(record_dir: str) -> str:
     return digest.hexdigest()
 
 
+@functools.lru_cache(maxsize=64)
+def _files_digest(folder: str, listing: tuple[tuple[str, int, int], ...]) -> str:
+    """SHA-256 of the files ``listing`` names in ``folder`` (relative path, size, bytes); once per listing."""
+    digest = hashlib.sha256()
+    for relative, size, _ in listing:
+        digest.update(f"{relative}\0{size}\0".encode())
+        with open(Path(folder) / relative, "rb") as handle:
+            for block in iter(functools.partial(handle.read, 1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_digest(folder: str | Path) -> str:
+    """SHA-256 of every file under ``folder`` (hidden names skipped), by relative path, size and bytes.
+
+    The bytes are read once per process for each listing of paths, sizes and modification times; a file
+    rewritten since is read again.
+    """
+    folder = Path(folder).resolve()
+    listing = []
+    for path in sorted(folder.rglob("*")):
+        relative = path.relative_to(folder)
+        if path.is_file() and not any(part.startswith(".") for part in relative.parts):
+            stat = path.stat()
+            listing.append((relative.as_posix(), stat.st_size, stat.st_mtime_ns))
+    return _files_digest(str(folder), tuple(listing))
+
+
+def data_fingerprint(record_dir: str, data_root: str | None = None) -> str:
+    """SHA-256 of the clean dataset a cell on ``record_dir`` reads: the folder ``load_record(record_dir,
+    data_root)`` would take it from (found as it does), every file in it (:func:`folder_digest`).
+
+    Raises:
+        DatasetNotFoundError: the record's dataset is nowhere on this machine (before any cell runs).
+    """
+    return folder_digest(_data_folder(record_dir, data_root))
+
+
+@functools.lru_cache(maxsize=64)
+def _data_folder(record_dir: str, data_root: str | None) -> Path:
+    """Where ``load_record(record_dir, data_root)`` finds the record's clean dataset (looked up once per process)."""
+    folder, content = read_record_file(record_dir)
+    spec = get_dataset_spec(str(content.get("clean_data")))
+    bb_data = backdoorbench_data_dir(folder, str(content.get("data_path", "")))
+    return find_dataset(spec, root=data_root, backdoorbench_data=bb_data)[0]
+
+
 class _Keyed:
     """A cached result's key: a hash of :meth:`identity`, computed once (and sent along to a worker)."""
 
@@ -120,11 +174,19 @@ class Cell(_Keyed):
     device: str = "auto"
     table: str = "leaderboard"
 
+    @functools.cached_property
+    def inputs(self) -> tuple[str, str]:
+        """The fingerprints of what the cell reads: the record (:func:`record_fingerprint`) and its clean data
+        (:func:`data_fingerprint`)."""
+        return record_fingerprint(self.record_dir), data_fingerprint(self.record_dir, self.data_root)
+
     def identity(self) -> dict[str, Any]:
         """What the result depends on (not where files are or which device runs it)."""
+        record, data = self.inputs
         return {
             "version": CACHE_VERSION,
-            "record": record_fingerprint(self.record_dir),
+            "record": record,
+            "data": data,
             "defense": asdict(self.defense),
             "protocol": asdict(self.protocol),
             "seed": self.seed,
@@ -152,27 +214,61 @@ class LatencyCell(_Keyed):
 
 
 def cached_result(cell: _Keyed, cache_dir: str | Path) -> dict[str, Any] | None:
-    """The cell's stored result, if it was finished before."""
+    """The cell's stored result, if it was finished before.
+
+    A file that is not a whole result of this cell is moved aside (``<name>.corrupt``, said in one line) and
+    ``None`` returned, so the cell is computed again.
+
+    Raises:
+        FireDefenseError: the file cannot be read (permissions).
+    """
     path = Path(cache_dir) / f"{cell.key}.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except IsADirectoryError:
+        text = b""
+    except OSError as error:
+        raise FireDefenseError(
+            f"cannot read the cached result {path} ({error.strerror}); fix its permissions or delete it."
+        ) from None
+    try:
+        result = json.loads(text)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        why = "empty" if not text.strip() else f"not JSON: {str(error).splitlines()[0]}"
+    else:
+        if isinstance(result, dict) and result.get("key") == cell.key:
+            return result
+        why = "not this cell's result"
+    corrupt = path.with_name(path.name + ".corrupt")
+    try:
+        os.replace(path, corrupt)
+    except FileNotFoundError:
+        pass  # another process set it aside first
+    tqdm.write(f"cache: {path} is {why}; moved it to {corrupt.name}, computing the cell again.")
+    return None
 
 
 @functools.lru_cache(maxsize=2)
-def _load(record_dir: str, data_root: str | None) -> Record:
+def _load(record_dir: str, data_root: str | None, inputs: tuple[str, str]) -> Record:
+    """The record, loaded once per process for each content of its files (``inputs``: :attr:`Cell.inputs`)."""
     return load_record(record_dir, data_root)
 
 
 @functools.lru_cache(maxsize=4)
-def _split(record_dir: str, data_root: str | None, clean_size: int, defender_share: float, seed: int) -> Split:
+def _split(
+    record_dir: str, data_root: str | None, inputs: tuple[str, str], clean_size: int, defender_share: float, seed: int
+) -> Split:
     """The protocol's split of a record (the same for every defense and ``k``: a worker makes it once)."""
-    record = _load(record_dir, data_root)
+    record = _load(record_dir, data_root, inputs)
     return protocol_split(record, Protocol(clean_size=clean_size, defender_share=defender_share), seed)
 
 
 def _record_and_split(cell: Cell) -> tuple[Record, Split]:
-    protocol = cell.protocol
-    split = _split(cell.record_dir, cell.data_root, protocol.clean_size, protocol.defender_share, cell.seed)
-    return _load(cell.record_dir, cell.data_root), split
+    protocol, where = cell.protocol, (cell.record_dir, cell.data_root, cell.inputs)
+    split = _split(*where, protocol.clean_size, protocol.defender_share, cell.seed)
+    return _load(*where), split
 
 
 def run_cell(cell: Cell, cache_dir: str | Path) -> dict[str, Any]:

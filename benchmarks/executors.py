@@ -5,12 +5,17 @@ An executor maps a function over items (the grid's cells; the records it has to 
 function, or a :func:`functools.partial` of one. Cells read and write one cache folder (a shared
 file system on a cluster), so the results, and what a rerun skips, are the same whichever executor
 ran them.
+
+Ctrl-C is the runner's to handle: local workers ignore SIGINT, and an interrupted (or closed)
+:meth:`LocalExecutor.map` cancels what has not started and terminates its workers at once (a cell
+is cached only when whole, so nothing finished is lost).
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +47,14 @@ def _call_in_worker(fn: Callable[[Item], Any], item: Item, threads: int) -> Any:
 def _exit_with_parent(parent: int) -> None:
     """Worker initializer: exit when ``parent``, the process that started the pool, is gone (killed, not
     shut down), instead of computing on, orphaned, for nobody. (It is passed in: the parent may have
-    died while this worker was still starting.)"""
+    died while this worker was still starting.) Ctrl-C (SIGINT, sent to the whole process group by a
+    terminal) is ignored here: the parent stops the workers. tqdm's lock is a thread lock here (no bar
+    crosses processes): its default, a multiprocessing lock, would be reported leaked by a terminated
+    worker."""
+    from tqdm import tqdm
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tqdm.set_lock(threading.RLock())
 
     def watch() -> None:
         while os.getppid() == parent:
@@ -72,16 +84,35 @@ class LocalExecutor:
         workers = min(self.workers, len(items))
         threads = max(1, (os.cpu_count() or 1) // workers)
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            workers, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),)
-        ) as pool:
+        pool = ProcessPoolExecutor(workers, mp_context=context, initializer=_exit_with_parent, initargs=(os.getpid(),))
+        processes = pool._processes  # the live dict of workers (shutdown forgets it); no public handle before 3.14
+        try:
             futures = {pool.submit(_call_in_worker, fn, item, threads): item for item in items}
+            for future in as_completed(futures):
+                yield futures[future], future.result()
+        except (KeyboardInterrupt, GeneratorExit):  # Ctrl-C, or the caller stopped: stop the running ones too
+            _terminate(pool, processes)
+            raise
+        except BaseException:  # a failed cell: start nothing new, let the running ones finish (and be cached)
+            pool.shutdown(wait=False, cancel_futures=True)
             try:
-                for future in as_completed(futures):
-                    yield futures[future], future.result()
-            except BaseException:  # a failed cell or Ctrl-C: start nothing new, leave the running ones to finish
-                pool.shutdown(wait=False, cancel_futures=True)
+                pool.shutdown(wait=True)
+            except KeyboardInterrupt:  # ... unless Ctrl-C says not to wait
+                _terminate(pool, processes)
                 raise
+            raise
+        pool.shutdown(wait=True)
+
+
+def _terminate(pool: ProcessPoolExecutor, processes: dict[int, Any]) -> None:
+    """Cancel what has not started, end the worker ``processes`` now, and shut ``pool`` down."""
+    pool.shutdown(wait=False, cancel_futures=True)
+    alive = [process for process in list(processes.values()) if process.is_alive()]
+    for process in alive:
+        process.terminate()
+    for process in alive:
+        process.join(5)
+    pool.shutdown(wait=True)  # the pool's own thread sees its workers gone and ends
 
 
 class RayExecutor:

@@ -1,12 +1,20 @@
 """A benchmark grid, defined as data (YAML): which records, which defenses, the defender's budget, the seeds.
 
 ``benchmarks/grids/default.yaml`` (the embedded default) and ``quick.yaml`` ship with the package;
-``load_grid("default")`` finds them by name, any other argument is a path. Every key is checked:
-a misspelt one is an error naming the keys that exist, not a silently ignored setting.
+``load_grid("default")`` finds them by name, any other argument is a path. Every key is checked
+when the grid is loaded, before any record is trained: a misspelt one is an error naming the keys
+that exist, not a silently ignored setting; every value's type and range (each section checks its
+own in ``__post_init__``, so a ``dataclasses.replace`` is checked too); every defense's name and
+parameters (each one a parameter of its constructor, of the type it declares). Each problem is one
+line naming the key.
 """
 
 from __future__ import annotations
 
+import collections.abc
+import math
+import types
+import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -15,10 +23,147 @@ import yaml
 
 from fire_bench.defenses import DEFENSES
 from fire_defense import FireDefenseError
+from fire_defense.registry import keyword_parameters
 
-__all__ = ["GRIDS_DIR", "DefenseSpec", "Grid", "KCurve", "Latency", "MakeRecords", "Protocol", "load_grid"]
+__all__ = [
+    "GRIDS_DIR",
+    "DefenseSpec",
+    "Grid",
+    "KCurve",
+    "Latency",
+    "MakeRecords",
+    "Protocol",
+    "check_defense",
+    "load_grid",
+]
 
 GRIDS_DIR = Path(__file__).parent / "grids"
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _integer(name: str, value: Any, minimum: int, optional: bool = False) -> None:
+    if not (_is_int(value) and value >= minimum) and not (optional and value is None):
+        allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
+        raise FireDefenseError(f"{name} must be {allowed}, got {value!r}.")
+
+
+def _number(name: str, value: Any, low: float, open_low: bool = False) -> None:
+    if not (_is_number(value) and (value > low if open_low else value >= low)):
+        raise FireDefenseError(f"{name} must be a finite number {'>' if open_low else '>='} {low:g}, got {value!r}.")
+
+
+def _integers(owner: object, name: str, minimum: int) -> None:
+    """``owner.name``: a non-empty list of distinct integers >= ``minimum`` (stored as a tuple)."""
+    value = getattr(owner, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(owner, name, value)
+    valid = isinstance(value, tuple) and value and all(_is_int(v) and v >= minimum for v in value)
+    if not valid or len(set(value)) != len(value):
+        raise FireDefenseError(f"{name} must be a non-empty list of distinct integers >= {minimum}, got {value!r}.")
+
+
+def _names(owner: object, name: str, known: Any, kind: str) -> None:
+    """``owner.name``: a non-empty list of names ``known`` holds (stored as a tuple)."""
+    value = getattr(owner, name)
+    if isinstance(value, list):
+        value = tuple(value)
+        object.__setattr__(owner, name, value)
+    if not isinstance(value, tuple) or not value or not all(isinstance(v, str) for v in value):
+        raise FireDefenseError(f"{name} must be a non-empty list of {kind} names, got {value!r}.")
+    for entry in value:
+        if entry not in known:
+            raise FireDefenseError(f"{name}: {known.unknown_message(entry)}")
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """The declared types of ``cls``'s constructor arguments (a subclass's win); those that cannot be read are
+    left out (and not checked)."""
+    hints: dict[str, Any] = {}
+    for klass in reversed(cls.__mro__):
+        if "__init__" in vars(klass):
+            try:
+                hints.update(typing.get_type_hints(klass.__init__))
+            except Exception:  # noqa: BLE001  (an annotation that does not resolve: that parameter goes unchecked)
+                continue
+    return hints
+
+
+def _matches(value: Any, hint: Any) -> bool:
+    """Whether a YAML value fits a declared type (``int``, ``float``, ``str``, ``bool``, unions, ``Literal``,
+    sequences); anything else is not checked."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is None or hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin in (list, tuple, collections.abc.Sequence):
+        item = args[0] if args else Any
+        return isinstance(value, list | tuple) and all(_matches(v, item) for v in value)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return _is_int(value)
+    if hint is float:
+        return _is_number(value)
+    if hint is str:
+        return isinstance(value, str)
+    return True
+
+
+def _type_name(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is typing.Literal:
+        return "one of " + ", ".join(map(repr, args))
+    if origin in (list, tuple, collections.abc.Sequence):
+        return f"a list of {_type_name(args[0]) if args else 'values'}"
+    if hint is None or hint is type(None):
+        return "null"
+    return "a finite number" if hint is float else getattr(hint, "__name__", str(hint))
+
+
+def check_defense(spec: DefenseSpec) -> None:
+    """Refuse a defense the grid could not run: an unknown name, parameters its constructor does not take or
+    of another type than it declares, ``seed`` (the grid's seeds set it), or batch sizes below 1.
+
+    Raises:
+        FireDefenseError: one line naming the parameter and what it takes.
+    """
+    if spec.name not in DEFENSES:
+        raise FireDefenseError(DEFENSES.unknown_message(spec.name))
+    if not isinstance(spec.params, dict) or not all(isinstance(k, str) for k in spec.params):
+        raise FireDefenseError(f"params must be a mapping of parameter names to values, got {spec.params!r}.")
+    cls = DEFENSES.get(spec.name)
+    known = [name for name in keyword_parameters(cls) if name != "seed"]  # the grid's seeds set it
+    unknown = sorted(set(spec.params) - set(known) - {"seed"})
+    if unknown:
+        raise FireDefenseError(
+            f"{spec.name} has no parameter {', '.join(unknown)}; its parameters: {', '.join(known)}."
+        )
+    if "seed" in spec.params:
+        raise FireDefenseError(f"params.seed: the grid's seeds seed {spec.name}; remove it from params.")
+    hints = _hints(cls)
+    for key, value in spec.params.items():
+        if key in hints and value is not None and not _matches(value, hints[key]):
+            raise FireDefenseError(f"params.{key} of {spec.name} must be {_type_name(hints[key])}, got {value!r}.")
+        if key in ("batch_size", "pass_batch"):
+            _integer(f"params.{key}", value, 1, optional=True)
+    from fire_bench.defenses import create_defense
+
+    create_defense(spec.name, **spec.params)  # the constructor itself takes them
 
 
 @dataclass(frozen=True)
@@ -30,6 +175,19 @@ class MakeRecords:
     model: str = "preactresnet18_w8"
     seeds: tuple[int, ...] = (0,)
     epochs: int = 4
+
+    def __post_init__(self) -> None:
+        from fire_adapters import DATASETS, MODELS
+        from fire_adapters.attacks import ATTACKS
+        from fire_adapters.models.zoo import TIMM_PREFIX
+
+        _names(self, "datasets", DATASETS, "dataset")
+        _names(self, "attacks", ATTACKS, "attack")
+        if not isinstance(self.model, str) or not (self.model in MODELS or self.model.startswith(TIMM_PREFIX)):
+            known = MODELS.unknown_message(str(self.model))
+            raise FireDefenseError(f"model: {known} Any timm model works as '{TIMM_PREFIX}<name>'.")
+        _integers(self, "seeds", 0)
+        _integer("epochs", self.epochs, 1)
 
 
 @dataclass(frozen=True)
@@ -45,6 +203,17 @@ class Protocol:
     eval_clean: int | None = 1000
     eval_poisoned: int | None = 1000
 
+    def __post_init__(self) -> None:
+        _integer("clean_size", self.clean_size, 1)
+        _integer("k", self.k, 1)
+        if not (_is_number(self.defender_share) and 0 < self.defender_share < 1):
+            raise FireDefenseError(
+                f"defender_share must be a number > 0 and < 1 (the rest of the test split is the evaluation), "
+                f"got {self.defender_share!r}."
+            )
+        _integer("eval_clean", self.eval_clean, 1, optional=True)
+        _integer("eval_poisoned", self.eval_poisoned, 1, optional=True)
+
 
 @dataclass(frozen=True)
 class DefenseSpec:
@@ -55,6 +224,10 @@ class DefenseSpec:
     label: str = ""
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str):
+            raise FireDefenseError(f"name must be a defense name, got {self.name!r}.")
+        if not isinstance(self.label, str):
+            raise FireDefenseError(f"label must be a string, got {self.label!r}.")
         if not self.label:
             object.__setattr__(self, "label", self.name)
 
@@ -79,23 +252,36 @@ class Latency:
     max_seconds: float = 2.5
     threads: int = 1
 
+    def __post_init__(self) -> None:
+        _integers(self, "batch_sizes", 1)
+        _integer("rounds", self.rounds, 1)
+        _integer("min_rounds", self.min_rounds, 1)
+        _number("precision", self.precision, 0)
+        _number("min_seconds", self.min_seconds, 0)
+        _number("max_seconds", self.max_seconds, 0, open_low=True)
+        _integer("threads", self.threads, 1)
+
 
 @dataclass(frozen=True)
 class KCurve:
     """FIRE's streaming mode (the ``fire-stream`` defense): its metrics after each ``k`` poisoned inputs seen.
 
-    Each ``k`` is an ordinary cell, the protocol's ``k`` set to it; ``warmup``: how many of the first
-    inputs choose the layer (``fire_bench.defenses.fire_stream``).
+    Each ``k`` is an ordinary cell, the protocol's ``k`` set to it; ``reservoir``: how many of the
+    inputs are held at once, to choose the layer from (``fire_bench.defenses.fire_stream``).
     """
 
     ks: tuple[int, ...] = (1, 2, 5, 10, 20, 50, 100)
     mode: str = "match"
-    warmup: int = 10
+    reservoir: int = 100
+
+    def __post_init__(self) -> None:
+        _integers(self, "ks", 1)
+        _integer("reservoir", self.reservoir, 1)
 
     @property
     def defense(self) -> DefenseSpec:
         """The streaming defense every cell of the curve runs."""
-        return DefenseSpec("fire-stream", {"mode": self.mode, "warmup": self.warmup})
+        return DefenseSpec("fire-stream", {"mode": self.mode, "reservoir": self.reservoir})
 
 
 @dataclass(frozen=True)
@@ -111,6 +297,19 @@ class Grid:
     latency: Latency | None = Latency()  # None: no latency phase
     k_curve: KCurve | None = KCurve()
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name or set(self.name) & {"/", "\\"} or self.name in (".", ".."):
+            raise FireDefenseError(f"name must be a plain name (it names the records folder), got {self.name!r}.")
+        if self.records is not None and not isinstance(self.records, str | Path):
+            raise FireDefenseError(f"records must be a folder path, got {self.records!r}.")
+        _integers(self, "seeds", 0)
+        for key, cls in (("make", MakeRecords), ("protocol", Protocol), ("latency", Latency), ("k_curve", KCurve)):
+            value = getattr(self, key)
+            if not isinstance(value, cls) and not (value is None and key != "protocol"):
+                raise FireDefenseError(f"{key} must be a mapping of settings, got {value!r}.")
+        if not isinstance(self.defenses, tuple) or not self.defenses:
+            raise FireDefenseError("list at least one defense under 'defenses'.")
+
 
 def _build(cls: type, data: Any, where: str) -> Any:
     """``cls(**data)`` with unknown keys and wrong shapes reported as one line naming ``where``."""
@@ -125,14 +324,16 @@ def _build(cls: type, data: Any, where: str) -> Any:
         return cls(**values)
     except TypeError as error:
         raise FireDefenseError(f"{where}: {error}.") from None
+    except FireDefenseError as error:
+        raise FireDefenseError(f"{where}: {error}") from None
 
 
 def _defense(data: Any, where: str) -> DefenseSpec:
     spec = _build(DefenseSpec, data, where)
-    if spec.name not in DEFENSES:
-        raise FireDefenseError(f"{where}: {DEFENSES.unknown_message(spec.name)}")
-    if not isinstance(spec.params, dict):
-        raise FireDefenseError(f"{where}: params must be a mapping.")
+    try:
+        check_defense(spec)
+    except FireDefenseError as error:
+        raise FireDefenseError(f"{where}: {error}") from None
     return spec
 
 
@@ -140,7 +341,8 @@ def load_grid(name_or_path: str | Path) -> Grid:
     """The grid shipped under ``name_or_path`` (``'default'``, ``'quick'``) or read from that YAML file.
 
     Raises:
-        FireDefenseError: no such grid or file, invalid YAML, unknown keys or defenses, duplicate labels.
+        FireDefenseError: no such grid or file, invalid YAML, unknown keys or defenses, a value of the wrong
+            type or out of range, a defense parameter its constructor does not take, duplicate labels.
     """
     path = Path(name_or_path)
     if not path.suffix and (GRIDS_DIR / f"{name_or_path}.yaml").is_file():
@@ -168,6 +370,11 @@ def load_grid(name_or_path: str | Path) -> Grid:
     for key, cls in sections.items():
         if data.get(key) is not None:
             data[key] = _build(cls, data[key], f"{path}: {key}")
+    if data.get("k_curve") is not None:
+        try:
+            check_defense(data["k_curve"].defense)
+        except FireDefenseError as error:
+            raise FireDefenseError(f"{path}: k_curve: {error}") from None
     if data.get("records") is not None:
         data["make"] = None
     return _build(Grid, data, str(path))

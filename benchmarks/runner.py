@@ -9,13 +9,19 @@ runs, so an interrupted run resumes where it stopped):
 2. the latency cells (:class:`fire_bench.cells.LatencyCell`), one at a time in this process, with
    no worker left running: latency depends on the model and the defense, not on the attack, so
    each defense is timed once per dataset x backbone, on its first record, under the first seed.
+
+Before any of it, every folder the run writes to (``out``, its cache, the records it makes) is made
+and test-written, so a run never fails after its work. Ctrl-C stops a run within seconds (the
+workers are terminated), keeps every finished cell, and raises :class:`RunInterrupted`, whose one
+line says how many cells are cached; the command line prints it and exits with status 130.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -23,12 +29,13 @@ from typing import Any, NamedTuple
 from tqdm.auto import tqdm
 
 from fire_adapters import RECORD_FILE
+from fire_bench.atomic import writable_folder
 from fire_bench.cells import Cell, LatencyCell, cached_result, run_cell, run_latency
 from fire_bench.executors import Executor, LocalExecutor
 from fire_bench.grid import Grid
 from fire_defense import FireDefenseError
 
-__all__ = ["GridResults", "find_records", "grid_cells", "latency_cells", "run_grid"]
+__all__ = ["GridResults", "RunInterrupted", "find_records", "grid_cells", "latency_cells", "run_grid"]
 
 _BAR = "{desc}: {percentage:3.0f}%|{bar}| [{elapsed} elapsed, {remaining} left{postfix}]"
 
@@ -38,6 +45,21 @@ class GridResults(NamedTuple):
 
     rows: list[dict[str, Any]]
     timings: list[dict[str, Any]]
+
+
+@contextlib.contextmanager
+def _closing(results: Iterator[Any]) -> Iterator[Iterator[Any]]:
+    """``results``, closed on the way out if it can be (an executor's generator stops its workers then)."""
+    try:
+        yield results
+    finally:
+        close = getattr(results, "close", None)
+        if close is not None:
+            close()
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a run; the message (one line) says what is cached and that a rerun resumes."""
 
 
 def find_records(folder: str | Path) -> list[Path]:
@@ -51,8 +73,9 @@ def find_records(folder: str | Path) -> list[Path]:
     return found
 
 
-def _made_records(grid: Grid, records_root: Path, data_root: str | None, device: str, executor: Executor) -> list[Path]:
-    """The grid's records: those made before from the same recipe are found, the others trained by ``executor``."""
+def _made_records(grid: Grid, folder: Path, data_root: str | None, device: str, executor: Executor) -> list[Path]:
+    """The grid's records in ``folder``: those made before from the same recipe are found, the others trained by
+    ``executor``."""
     from fire_adapters.factory import RecordRecipe, make_records
     from fire_adapters.training import TrainConfig
 
@@ -63,7 +86,13 @@ def _made_records(grid: Grid, records_root: Path, data_root: str | None, device:
         for attack in grid.make.attacks
         for seed in grid.make.seeds
     ]
-    return [made.path for made in make_records(recipes, records_root / grid.name, data_root, device, executor=executor)]
+    try:
+        return [made.path for made in make_records(recipes, folder, data_root, device, executor=executor)]
+    except KeyboardInterrupt:
+        made = sum((folder / recipe.name / RECORD_FILE).is_file() for recipe in recipes)
+        raise RunInterrupted(
+            f"interrupted: {made} of {len(recipes)} records made, no cell run yet; run again to resume"
+        ) from None
 
 
 def grid_cells(
@@ -118,15 +147,18 @@ def run_grid(
         records: A folder of existing records; overrides the grid's own ``records`` / ``make``.
         records_root: Where records the grid makes are kept (``<records_root>/<grid name>/``).
     """
-    out = Path(out)
-    cache = out / "cache"
     started = time.perf_counter()
     executor = executor or LocalExecutor()
     folder = records or grid.records
-    if folder:
-        record_dirs = find_records(folder)
-    else:
-        record_dirs = _made_records(grid, Path(records_root), data_root, device, executor)
+    if data_root is not None and not Path(data_root).is_dir():
+        raise FireDefenseError(f"the data folder {data_root} does not exist or is not a folder; fix --data.")
+    record_dirs = find_records(folder) if folder else None
+    # every output folder made and test-written before any work starts
+    out = writable_folder(out, "the output folder (--out)")
+    cache = writable_folder(out / "cache", "the cache folder")
+    if record_dirs is None:
+        made = writable_folder(Path(records_root) / grid.name, "the records folder (--records-root)")
+        record_dirs = _made_records(grid, made, data_root, device, executor)
     cells = grid_cells(grid, record_dirs, data_root, device)
     results = {cell.key: found for cell in cells if (found := cached_result(cell, cache)) is not None}
     # record by record (a worker keeps its records loaded), the costliest cells of each first (the workers
@@ -134,20 +166,32 @@ def run_grid(
     # when cheap and costly cells alternate
     todo = sorted((cell for cell in cells if cell.key not in results), key=lambda cell: (cell.record_dir, -cell.cost))
     tqdm.write(f"{grid.name}: {len(cells)} cells, {len(results)} cached, {len(todo)} to run")
-    with tqdm(total=sum(cell.cost for cell in todo), desc="cells", bar_format=_BAR) as progress:
-        for done, (cell, result) in enumerate(executor.map(functools.partial(run_cell, cache_dir=cache), todo), 1):
-            results[cell.key] = result
-            last = f"{Path(cell.record_dir).name} {cell.defense.label}"
-            progress.set_postfix_str(f"{done}/{len(todo)} cells, last {last}", False)
-            progress.update(cell.cost)
+    try:
+        with (
+            tqdm(total=sum(cell.cost for cell in todo), desc="cells", bar_format=_BAR) as progress,
+            _closing(executor.map(functools.partial(run_cell, cache_dir=cache), todo)) as finished,
+        ):
+            for done, (cell, result) in enumerate(finished, 1):
+                results[cell.key] = result
+                last = f"{Path(cell.record_dir).name} {cell.defense.label}"
+                progress.set_postfix_str(f"{done}/{len(todo)} cells, last {last}", False)
+                progress.update(cell.cost)
+    except KeyboardInterrupt:  # closing the map above stopped its workers
+        raise RunInterrupted(f"interrupted: {len(results)} of {len(cells)} cells cached; run again to resume") from None
     rows = [results[cell.key] for cell in cells]
 
     jobs = latency_cells(grid, cells, rows)
     timings = {job.key: found for job in jobs if (found := cached_result(job, cache)) is not None}
     todo_timing = [job for job in jobs if job.key not in timings]
     tqdm.write(f"latency: {len(jobs)} defenses to time, {len(timings)} cached; one at a time, nothing else running")
-    for job in tqdm(todo_timing, desc="latency", unit="defense"):
-        timings[job.key] = run_latency(job, cache)
+    try:
+        for job in tqdm(todo_timing, desc="latency", unit="defense"):
+            timings[job.key] = run_latency(job, cache)
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted: {len(cells) + len(timings)} of {len(cells) + len(jobs)} cells cached "
+            f"({len(timings)} of {len(jobs)} latency cells); run again to resume"
+        ) from None
     from fire_bench.report import write_outputs
 
     done = GridResults(rows, [timings[job.key] for job in jobs])

@@ -38,7 +38,12 @@ def resolve_layers(model: nn.Module, layers: str | nn.Module | Sequence[str | nn
         FireDefenseError: a name that is not a submodule (the message lists the closest ones) or a
             module that is not part of ``model``.
     """
-    items = [layers] if isinstance(layers, (str, nn.Module)) else list(layers)
+    items = [layers] if isinstance(layers, (str, nn.Module)) else list(layers) if isinstance(layers, Sequence) else None
+    if items is None or not all(isinstance(item, (str, nn.Module)) for item in items):
+        raise FireDefenseError(
+            f"layers must be 'auto', a layer name, a module, or a list of them; got {layers!r:.60}. "
+            "See model.named_modules() for the names."
+        )
     if not items:
         raise FireDefenseError("no layers given; name at least one, or use layers='auto'.")
     names = {id(module): name for name, module in model.named_modules()}

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from fire_defense.errors import NotFittedError
+from fire_defense.errors import FireDefenseError, NotFittedError
 
 __all__ = ["LayerStatistics", "channel_axes"]
 
@@ -162,13 +162,44 @@ class LayerStatistics:
 
     @classmethod
     def from_state(cls, state: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> LayerStatistics:
-        """The statistics :meth:`state` returned, on ``device``."""
+        """The statistics :meth:`state` returned, on ``device``.
+
+        Raises:
+            FireDefenseError: a value is not a finite tensor of the layer's size, or a count not a whole number.
+        """
         stats = cls(torch.Size(state["shape"]), dtype)
-        stats.counts = {k: int(v) for k, v in state["counts"].items()}
+        size = stats.shape.numel()
+        counts = dict(state["counts"])
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in counts.values()):
+            raise FireDefenseError(f"a FIRE state's counts must be whole numbers, got {counts}; save it again.")
+        stats.counts = counts
         for name in ("sums", "channel_sums", "channel_squares"):
-            setattr(stats, name, {k: v.to(device, torch.float64) for k, v in state[name].items()})
-        if len(state["calibration"]):
-            stats.calibration = [state["calibration"].to(device)]
+            setattr(stats, name, {k: _finite(v, name).to(device, torch.float64) for k, v in state[name].items()})
+        if any(v.shape != (size,) for v in stats.sums.values()):
+            raise FireDefenseError(
+                f"a FIRE state's sums do not match its layer shape {list(stats.shape)}; save it again."
+            )
+        calibration = _finite(state["calibration"], "calibration")
+        if len(calibration):
+            if calibration.ndim != 2 or calibration.shape[1] != size:
+                raise FireDefenseError(
+                    f"a FIRE state's calibration is {tuple(calibration.shape)}, not (N, {size}); save it again."
+                )
+            stats.calibration = [calibration.to(device)]
         if "basis" in state:
-            stats.basis = state["basis"].to(device, torch.float64)
+            basis = _finite(state["basis"], "basis")
+            if basis.ndim != 2 or basis.shape[1] != size:
+                raise FireDefenseError(f"a FIRE state's basis is {tuple(basis.shape)}, not (r, {size}); save it again.")
+            stats.basis = basis.to(device, torch.float64)
         return stats
+
+
+def _finite(value: Any, name: str) -> torch.Tensor:
+    """``value`` if it is a tensor of finite numbers (a saved statistic), else a one-line error."""
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+        raise FireDefenseError(
+            f"a FIRE state's {name} holds a {type(value).__name__}, not a float tensor; save it again."
+        )
+    if not bool(torch.isfinite(value).all()):
+        raise FireDefenseError(f"a FIRE state's {name} holds NaN or infinite values; fit again and save a new one.")
+    return value

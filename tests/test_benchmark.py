@@ -26,7 +26,7 @@ from fire_bench.runner import grid_cells, run_grid
 from fire_defense import FireDefenseError, UnknownNameError
 from fire_defense.metrics import REJECTED, auroc, backdoor_metrics, defense_effectiveness_rating
 
-from helpers import write_fake_record
+from helpers import Recording, write_fake_record
 
 PROTOCOL = {"clean_size": 120, "k": 5, "defender_share": 0.2, "eval_clean": 40, "eval_poisoned": 40}
 
@@ -55,18 +55,6 @@ def write_grid(path: Path, records: Path, defenses: list[dict], **overrides) -> 
     }
     path.write_text(yaml.safe_dump(grid))
     return path
-
-
-class Recording:
-    """An executor that runs in this process and remembers which cells it was given."""
-
-    def __init__(self) -> None:
-        self.given: list = []
-
-    def map(self, fn, items):
-        self.given += list(items)
-        for item in items:
-            yield item, fn(item)
 
 
 # --- grids ----------------------------------------------------------------------------------------------------
@@ -158,9 +146,9 @@ def test_a_cell_never_shows_the_defense_its_evaluation_samples(records, tmp_path
     seen_at_fit, scored = [], []
     fit, decide = RuntimeDefense.fit, RuntimeDefense.decide
 
-    def spy_fit(self, model, clean, poisoned=None, trigger=None):
+    def spy_fit(self, model, clean, poisoned=None, trigger=None, clean_labels=None):
         seen_at_fit.extend(x for x in (clean, poisoned) if x is not None)
-        return fit(self, model, clean, poisoned, trigger)
+        return fit(self, model, clean, poisoned, trigger, clean_labels)
 
     def spy_decide(self, x):
         scored.append(x)

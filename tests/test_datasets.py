@@ -92,6 +92,7 @@ def test_every_dataset_loads_from_small_files_in_its_layout(tmp_path, name):
 @pytest.mark.parametrize("name", list_datasets())
 def test_every_missing_dataset_is_one_line_with_its_fix(tmp_path, name):
     spec = dataclasses.replace(get_dataset_spec(name), system_dirs=())
+    (tmp_path / "empty").mkdir()  # a data root that exists but holds nothing (a missing one: test_input_checks)
     with pytest.raises(DatasetNotFoundError) as error:
         load_dataset(spec, "test", root=tmp_path / "empty")
     assert "\n" not in str(error.value) and spec.how_to_get in str(error.value)
@@ -226,6 +227,7 @@ def test_search_order_system_package_then_user_cache(tmp_path):
 
 def test_missing_dataset_is_one_line_naming_where_it_looked_and_the_fix(tmp_path):
     spec = dataclasses.replace(get_dataset_spec("fashionmnist"), system_dirs=(str(tmp_path / "nowhere"),))
+    (tmp_path / "mine").mkdir()
     with pytest.raises(DatasetNotFoundError) as error:
         load_dataset(spec, "test", root=tmp_path / "mine")
     message = str(error.value)

@@ -240,9 +240,10 @@ def test_weights_with_another_num_classes(record_copy):
     [
         (lambda png: png.unlink(), "{name} is missing"),
         (lambda png: png.write_bytes(b"\x89PNG garbage"), "{name} is corrupt"),
-        (lambda png: Image.new("RGB", (32, 32)).save(png), "is 32x32x3 uint8 but fashionmnist images are 28x28x1"),
+        (lambda png: Image.new("RGB", (32, 32)).save(png), "is 32x32 but fashionmnist images are 28x28"),
+        (lambda png: Image.new("RGB", (28, 28)).save(png), "is 28x28x3 uint8 but fashionmnist images are 28x28x1"),
     ],
-    ids=["missing", "corrupt", "another-size"],
+    ids=["missing", "corrupt", "another-size", "another-mode"],
 )
 def test_a_damaged_png_is_named(record_copy, damage, message):
     victim = next((record_copy / "bd_test_dataset").rglob("*.png"))

@@ -13,6 +13,8 @@ convention), so :meth:`Attack.params` rebuilds the attack; learned or random tri
 
 from __future__ import annotations
 
+import inspect
+import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -206,7 +208,38 @@ def create_attack(name: str, dataset: str | DatasetSpec, **kwargs: Any) -> Attac
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise FireDefenseError(f"attack {name!r} takes no {', '.join(unknown)}; its parameters: {', '.join(accepted)}.")
-    return cls(dataset, **drop_none(kwargs))
+    kwargs = drop_none(kwargs)
+    defaults = _keyword_defaults(cls)
+    for key, value in kwargs.items():
+        _check_kind(name, key, value, defaults[key])
+    return cls(dataset, **kwargs)
+
+
+def _keyword_defaults(cls: type) -> dict[str, Any]:
+    """Each keyword-only constructor argument's default, a subclass's before its bases'."""
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if parameter.kind is parameter.KEYWORD_ONLY:
+                    defaults.setdefault(parameter.name, parameter.default)
+    return defaults
+
+
+def _check_kind(attack: str, key: str, value: Any, default: Any) -> None:
+    """Refuse a parameter of another kind than its default: an integer for an int, a finite number for a float."""
+    integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if isinstance(default, bool):
+        kind, ok = "True or False", isinstance(value, (bool, np.bool_))
+    elif isinstance(default, int):
+        kind, ok = "an integer", integer
+    elif isinstance(default, float):
+        kind = "a finite number"
+        ok = (integer or isinstance(value, (float, np.floating))) and math.isfinite(value)
+    else:
+        return
+    if not ok:
+        raise FireDefenseError(f"attack {attack!r}: {key} must be {kind}, got {value!r}.")
 
 
 def list_attacks(pattern: str = "*") -> list[str]:

@@ -4,7 +4,9 @@
 and ``config/defense/fire/{config,cifar10,cifar100,gtsrb,tiny}.yaml`` (our defaults). The first line of each
 file marks it as ours and holds the SHA-256 of the rest, so both commands know their own unchanged files:
 ``install`` replaces those, and refuses, writing nothing, when a path it would write holds a file it did not
-write or one changed since; ``uninstall`` removes only its own unchanged files and names those it left.
+write or one changed since, or leads out of the checkout (a symlinked folder); it is all or nothing: every file
+is first written beside its destination, and only when all are written are they renamed into place (a folder it
+cannot write leaves nothing behind). ``uninstall`` removes only its own unchanged files and names those it left.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import os
 import re
 import sys
+import uuid
 from importlib import resources
 from pathlib import Path
 
@@ -101,43 +105,102 @@ def _checkout(root: str | Path) -> Path:
     return root
 
 
+def _outside(root: Path, rel: str) -> bool:
+    """Whether ``root / rel`` leads out of ``root`` (through a symlinked folder or file on the way)."""
+    return not (root / rel).resolve().is_relative_to(root.resolve())
+
+
+def _stage(root: Path, bodies: dict[str, str]) -> tuple[dict[Path, Path], list[Path]]:
+    """Each body written to a temporary name beside its destination: ``{temporary: destination}``, and the
+    folders made for them (outermost first). On any error, everything made is removed again."""
+    staged: dict[Path, Path] = {}
+    made: list[Path] = []
+    try:
+        for rel, body in bodies.items():
+            path = root / rel
+            missing = [p for p in (path.parent, *path.parent.parents) if not p.exists()]
+            for folder in reversed(missing):
+                folder.mkdir()
+                made.append(folder)
+            partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+            staged[partial] = path
+            partial.write_text(_HEADER.format(version=__version__, digest=_digest(body)) + body, encoding="utf-8")
+    except OSError as error:
+        _unstage(staged, made)
+        where = error.filename or root
+        raise FireDefenseError(
+            f"cannot write into {root} ({error.strerror or error}: {where}); nothing was installed. "
+            "Make the checkout writable and run install again."
+        ) from None
+    return staged, made
+
+
+def _unstage(staged: dict[Path, Path], made: list[Path]) -> None:
+    for partial in staged:
+        with contextlib.suppress(OSError):
+            partial.unlink()
+    for folder in reversed(made):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
 def install(root: str | Path) -> list[Path]:
-    """Write FIRE's entry script and YAML configs into the BackdoorBench checkout at ``root``.
+    """Write FIRE's entry script and YAML configs into the BackdoorBench checkout at ``root``, all or nothing.
 
     Returns:
         The files written (an earlier install's unchanged files are replaced).
 
     Raises:
-        FireDefenseError: ``root`` is not a BackdoorBench checkout, or a path to write holds a file that
-            install did not write or that was changed since; nothing is written then.
+        FireDefenseError: ``root`` is not a BackdoorBench checkout, a path to write holds a file that
+            install did not write or that was changed since, a path leads out of the checkout through a
+            symlink, or a file cannot be written; nothing is written then.
     """
     root = _checkout(root)
+    escaping = [rel for rel in _targets() if _outside(root, rel)]
+    if escaping:
+        raise FireDefenseError(
+            f"refusing to write {', '.join(escaping)}: in {root} the path leads out of the checkout through a "
+            "symlink; replace the link with a folder and run install again."
+        )
     blocked = [(rel, owner) for rel in _targets() if (owner := _owner(root / rel)) in ("changed", "foreign")]
     if blocked:
         why = {"changed": "changed since fire-defense wrote it", "foreign": "not written by fire-defense"}
         listed = ", ".join(f"{rel} ({why[owner]})" for rel, owner in blocked)
         raise FireDefenseError(f"refusing to overwrite {listed} in {root}; move it away and run install again.")
     bodies = {ENTRY_SCRIPT: _ENTRY} | {f"{CONFIG_DIR}/{name}.yaml": packaged_config(name) for name in CONFIG_NAMES}
-    written = []
-    for rel, body in bodies.items():
-        path = root / rel
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(_HEADER.format(version=__version__, digest=_digest(body)) + body, encoding="utf-8")
-        written.append(path)
-    return written
+    staged, made = _stage(root, bodies)
+    placed: list[Path] = []
+    try:
+        for partial, path in staged.items():
+            existed = path.exists()
+            os.replace(partial, path)
+            if not existed:
+                placed.append(path)
+    except OSError as error:  # rare (the files are written, only renames remain): undo the new ones
+        for path in placed:
+            with contextlib.suppress(OSError):
+                path.unlink()
+        _unstage(staged, made)
+        raise FireDefenseError(
+            f"cannot install into {root} ({error.strerror or error}); nothing new was left. Run install again."
+        ) from None
+    return list(staged.values())
 
 
 def uninstall(root: str | Path) -> tuple[list[Path], list[Path]]:
     """Remove what :func:`install` wrote into ``root``, but only files nobody changed since.
 
     Returns:
-        The files removed, and those left at install's paths (changed since, or not written by it).
+        The files removed, and those left at install's paths (changed since, not written by it, or reached
+        through a symlink out of the checkout).
     """
     root = _checkout(root)
     removed, left = [], []
     for rel in _targets():
         path, owner = root / rel, _owner(root / rel)
-        if owner == "ours":
+        if owner != "absent" and _outside(root, rel):  # never delete through a link out of the checkout
+            left.append(path)
+        elif owner == "ours":
             path.unlink()
             removed.append(path)
         elif owner != "absent":
