@@ -43,10 +43,12 @@ test: install data lint
 RECORDS ?= records
 RESULTS ?= results
 GRID ?= default
+# FIRE's latency benchmarks fit on this record's trained weights (random weights if it is missing).
+LATENCY_RECORD ?= $(RECORDS)/default/fashionmnist_preactresnet18_w8_badnet_seed0
 
 bench: install data
 	$(PY) -m fire_bench run --grid $(GRID) --out $(RESULTS) --records-root $(RECORDS)
-	FIRE_RESULTS=$(RESULTS) $(PY) -m pytest benchmarks/latency -q -o python_files='bench_*.py' -p no:cacheprovider
+	FIRE_RESULTS=$(RESULTS) FIRE_RECORD=$(LATENCY_RECORD) $(PY) -m pytest benchmarks/latency -q -o python_files='bench_*.py' -p no:cacheprovider
 
 bench-quick: install data
 	$(PY) -m fire_bench run --grid quick --out $(RESULTS)/quick --records-root $(RECORDS)

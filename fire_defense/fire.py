@@ -30,7 +30,9 @@ The paper's text was not available to us; these choices are ours (``docs/fire.md
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +40,11 @@ import torch
 from torch import nn
 
 from fire_defense.device import module_device
-from fire_defense.errors import FireDefenseError, NotFittedError, first_line
-from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers
+from fire_defense.errors import FireDefenseError, NotFittedError, first_line, torch_load_reason
+from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers, tensor_output
 from fire_defense.repair import REPAIRS, LayerRepair, TargetCondition, build_repair, repair_hook
 from fire_defense.selection import SELECTIONS, choose_layer, gate_threshold
+from fire_defense.split import suffix_after
 from fire_defense.statistics import LayerStatistics
 
 __all__ = ["FIRE", "MODES", "RepairedModel"]
@@ -124,17 +127,21 @@ class FIRE:
         self.target_share = target_share
         self.gate_quantiles = gate_quantiles
         self._attached: list[HookHandles] = []  # handles given out by attach()
+        self._suffixes: dict[tuple[str, ...], tuple[str, nn.Module] | None] = {}  # the model after its layers
         self._own_passes = 0  # > 0 while FIRE's own fitting passes run: the attached hooks stand aside
 
     # --- validation and small helpers ---------------------------------------------------------------------------
 
     def _validate(self) -> None:
-        numbers = {"fpr": self.fpr, "rank": self.rank, "views": self.views, "batch_size": self.batch_size}
-        wrong = [
-            name for name, value in numbers.items() if not isinstance(value, (int, float)) or isinstance(value, bool)
-        ]
+        integers = {"rank": self.rank, "views": self.views, "batch_size": self.batch_size}
+        wrong = [f"{name}={value!r}" for name, value in integers.items() if not _is_integer(value)]
         if wrong:
-            raise FireDefenseError(f"{', '.join(wrong)} must be numbers.")
+            raise FireDefenseError(f"rank, views and batch_size must be whole numbers; got {', '.join(wrong)}.")
+        if not _is_real(self.fpr):
+            raise FireDefenseError(f"fpr must be a number in (0, 1), got {self.fpr!r}.")
+        alphas = list(self.alpha.values()) if isinstance(self.alpha, Mapping) else [self.alpha]
+        if not all(_is_real(value) and math.isfinite(value) for value in alphas):
+            raise FireDefenseError(f"alpha must be a finite number or {{layer: finite number}}, got {self.alpha!r}.")
         if self.mode not in MODES:
             raise FireDefenseError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}.")
         if self.select not in SELECTIONS:
@@ -174,11 +181,37 @@ class FIRE:
             batches = list(data.split(self.batch_size))
         else:
             batches = [item[0] if isinstance(item, (tuple, list)) else item for item in data]
-        if not all(isinstance(b, torch.Tensor) for b in batches):
-            raise FireDefenseError(f"the {what} set must be a tensor or an iterable of tensor batches.")
+        if not all(isinstance(b, torch.Tensor) and b.ndim >= 1 for b in batches):
+            raise FireDefenseError(f"the {what} set must be a tensor or an iterable of tensor batches (N, ...).")
         if not batches or sum(len(b) for b in batches) == 0:
             raise FireDefenseError(f"the {what} set is empty; give at least one input.")
+        for batch in batches:
+            _check_inputs(batch, what)
         return [b.to(self._device) for b in batches]
+
+    def _input_shape(self, *sets: list[torch.Tensor] | None) -> tuple[int, ...]:
+        """The shape of one input, the same in every batch of ``sets`` and as in earlier fits (``input_shape_``)."""
+        shapes = {tuple(b.shape[1:]) for batches in sets for b in batches or ()}
+        known = getattr(self, "input_shape_", None)
+        if len(shapes) > 1 or (known is not None and shapes != {known}):
+            seen = sorted(shapes | ({known} if known is not None else set()))
+            raise FireDefenseError(
+                f"inputs must all be batches (N, ...) of one size, got {', '.join(map(str, seen))}; "
+                "one input is x[None]."
+            )
+        return shapes.pop()
+
+    def _check_forward(self, x: torch.Tensor) -> None:
+        """Refuse inputs a fitted FIRE cannot repair: not a float batch, NaN or infinite, or of another size."""
+        if not isinstance(x, torch.Tensor):
+            raise FireDefenseError(f"inputs must be a tensor batch (N, ...), got {type(x).__name__}.")
+        _check_inputs(x, "")
+        expected = getattr(self, "input_shape_", None)
+        if expected is not None and tuple(x.shape[1:]) != expected:
+            raise FireDefenseError(
+                f"inputs are {tuple(x.shape)} but FIRE was fitted on batches (N, {', '.join(map(str, expected))}); "
+                "give inputs of that size (one input: x[None])."
+            )
 
     def _streams(self, clean: list[torch.Tensor] | None, poisoned: list[torch.Tensor] | None) -> dict:
         """The batches of each statistics stream: clean, their augmented views, poisoned (as views if augmenting)."""
@@ -321,6 +354,10 @@ class FIRE:
 
         Returns:
             ``self``.
+
+        Raises:
+            FireDefenseError: a setting of the wrong kind or range (NaN, a fraction where a whole number
+                belongs, an unknown layer), or inputs that are uint8, hold NaN or infinite values, or differ in size.
         """
         self._validate()
         self._refuse_while_attached("fit()")
@@ -329,8 +366,12 @@ class FIRE:
             raise FireDefenseError("give poisoned inputs or a trigger, not both.")
         if trigger is not None:
             poisoned_batches, paired = [trigger(b) for b in clean_batches], True
+            for batch in poisoned_batches:
+                _check_inputs(batch, "triggered")
         else:
             poisoned_batches = None if poisoned is None else self._batches(poisoned, "poisoned")
+        self.__dict__.pop("input_shape_", None)
+        input_shape = self._input_shape(clean_batches, poisoned_batches)
         if paired and (
             poisoned_batches is None or [len(b) for b in poisoned_batches] != [len(b) for b in clean_batches]
         ):
@@ -378,16 +419,25 @@ class FIRE:
             quantile = choice.quantile if self.select == "holdout" else quantile
             stats = {choice.layer: stats[choice.layer]}
         else:
-            self._gather(streams, layers, stats, repairs, cascade=self.cascade, keep_poisoned=self.rank > 1)
+            # the condition needs the unrepaired outputs: the gathering passes give them when they run unrepaired
+            one_group = not self.cascade or len(layers) == 1
+            outputs = {} if self.condition == "target" and one_group and self.augmentation is None else None
+            self._gather(
+                streams, layers, stats, repairs, cascade=self.cascade, keep_poisoned=self.rank > 1, outputs=outputs
+            )
             if self.condition == "target":
+                known = outputs or {}
                 if poisoned_batches is not None:
-                    self._update_condition(self._predictions(poisoned_batches))
-                self.clean_predictions_ = self._predictions(clean_batches).argmax(1)
+                    self._update_condition(
+                        torch.cat(known["poisoned"]) if known else self._predictions(poisoned_batches)
+                    )
+                clean_logits = torch.cat(known["clean"]) if known else self._predictions(clean_batches)
+                self.clean_predictions_ = clean_logits.argmax(1)
         for layer in layers:
             if self.rank > 1:
                 stats[layer].decompose(self.rank)
             stats[layer].forget_poisoned()
-        self.layers_, self.stats_, self.paired_ = layers, stats, paired
+        self.layers_, self.stats_, self.paired_, self.input_shape_ = layers, stats, paired, input_shape
         if self.condition == "target":
             self.gate_quantile_ = quantile
         if all("poisoned" in stats[layer].counts for layer in layers):  # else partial_fit(poisoned=...) completes it
@@ -415,7 +465,8 @@ class FIRE:
             raise FireDefenseError("rank > 1 needs all paired differences at once; use fit(), not partial_fit().")
         if trigger is not None and poisoned is not None:
             raise FireDefenseError("give poisoned inputs or a trigger, not both.")
-        if not hasattr(self, "stats_"):
+        first = not hasattr(self, "stats_")
+        if first:
             self._validate()
             if isinstance(self.layers, str) and self.layers == "auto":
                 raise FireDefenseError(
@@ -423,18 +474,23 @@ class FIRE:
                 )
             if clean is None:
                 raise FireDefenseError("the first partial_fit needs the clean reference set.")
-            self.layers_ = resolve_layers(self.model, self.layers)
-            self.stats_, self.paired_ = {}, False
-            if self.condition == "target":
-                self.gate_quantile_ = self.gate_quantiles[0]
+            layers = resolve_layers(self.model, self.layers)
         self._check_eval()
         clean_batches = None if clean is None else self._batches(clean, "clean")
         if trigger is not None:
             if clean_batches is None:
                 raise FireDefenseError("a trigger needs clean inputs to apply it to.")
             poisoned_batches = [trigger(b) for b in clean_batches]
+            for batch in poisoned_batches:
+                _check_inputs(batch, "triggered")
         else:
             poisoned_batches = None if poisoned is None else self._batches(poisoned, "poisoned")
+        if clean_batches is not None or poisoned_batches is not None:
+            self.input_shape_ = self._input_shape(clean_batches, poisoned_batches)
+        if first:  # only once the inputs are known to be good
+            self.layers_, self.stats_, self.paired_ = layers, {}, False
+            if self.condition == "target":
+                self.gate_quantile_ = self.gate_quantiles[0]
         streams = self._streams(clean_batches, poisoned_batches)
         if not streams:
             raise FireDefenseError("partial_fit needs clean or poisoned inputs.")
@@ -485,14 +541,22 @@ class FIRE:
         return handles
 
     def __call__(self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
-        """The repaired forward pass (``scores``: as :meth:`RepairedModel.forward`)."""
+        """The repaired forward pass (``scores``: as :meth:`RepairedModel.forward`).
+
+        ``x`` must be a float batch of the size FIRE was fitted on, without NaN or infinite values (one check per
+        call); the hooks of :meth:`attach` and :meth:`module` skip these checks.
+        """
         self._check_eval()
-        return self.module()(x, scores)
+        module = self.module()
+        self._check_forward(x)
+        return module(x, scores)
 
     def scores(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Each layer's projection score ``(N,)`` (``h - mean_clean`` on the unit direction), from a repaired pass."""
         scores: dict[str, torch.Tensor] = {}
-        with HookHandles(self.model, self._hooks(scores)):
+        hooks = self._hooks(scores)
+        self._check_forward(x)
+        with HookHandles(self.model, hooks):
             self.model(x)
         return scores
 
@@ -510,9 +574,12 @@ class FIRE:
     def module(self) -> RepairedModel:
         """The repaired model as an ``nn.Module``: the model and the repair modules (:class:`RepairedModel`)."""
         self._require_fitted()
-        return RepairedModel(
-            self.model, {layer: self.repairs_[layer] for layer in self.layers_}, getattr(self, "condition_", None)
-        )
+        condition = getattr(self, "condition_", None)
+        key = tuple(self.layers_)
+        if condition is not None and key not in self._suffixes:
+            self._suffixes[key] = suffix_after(self.model, key)
+        resume = self._suffixes.get(key) if condition is not None else None
+        return RepairedModel(self.model, {layer: self.repairs_[layer] for layer in self.layers_}, condition, resume)
 
     # --- fitted state -----------------------------------------------------------------------------------------
 
@@ -544,6 +611,7 @@ class FIRE:
                 "condition": self.condition,
                 "target_share": self.target_share,
                 "gate_quantile": getattr(self, "gate_quantile_", None),
+                "input_shape": list(self.input_shape_) if hasattr(self, "input_shape_") else None,
             },
             "layers": {layer: stats.state() for layer, stats in self.stats_.items()},
             **(
@@ -568,6 +636,11 @@ class FIRE:
             settings |= {"condition": config.get("condition"), "target_share": config.get("target_share", 0.5)}
             stats = {layer: LayerStatistics.from_state(saved[layer], self._device, dtype) for layer in layers}
             paired, quantile = bool(config["paired"]), config.get("gate_quantile")
+            input_shape = config.get("input_shape")  # absent in files written before it was saved
+            if input_shape is not None:
+                input_shape = tuple(input_shape)
+                if not input_shape or not all(_is_integer(n) and n >= 1 for n in input_shape):
+                    raise FireDefenseError(f"a FIRE state's input_shape must be sizes >= 1, got {list(input_shape)}.")
             counts = state.get("target_counts") if settings["condition"] == "target" else None
             if counts is not None:
                 condition = TargetCondition(len(counts), settings["target_share"], self._device)
@@ -577,6 +650,9 @@ class FIRE:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError) as error:
             raise FireDefenseError(f"not a FIRE state dict ({type(error).__name__}: {first_line(error)}).") from None
+        if input_shape is not None:
+            self._check_eval()
+            self._check_layer_shapes(layers, stats, input_shape, dtype)
         previous = {key: getattr(self, key) for key in settings}
         self.__dict__.update(settings)
         try:
@@ -588,12 +664,37 @@ class FIRE:
             self.__dict__.update(previous)
             raise
         self.layers_, self.stats_, self.repairs_, self.paired_ = layers, stats, repairs, paired
-        for name in ("condition_", "clean_predictions_", "gate_quantile_"):
+        for name in ("condition_", "clean_predictions_", "gate_quantile_", "input_shape_"):
             self.__dict__.pop(name, None)
+        if input_shape is not None:
+            self.input_shape_ = input_shape
         if counts is not None:
             self.condition_, self.clean_predictions_, self.gate_quantile_ = condition, clean_predictions, quantile
             self._set_gate_thresholds()
         return self
+
+    def _check_layer_shapes(
+        self, layers: list[str], stats: dict[str, LayerStatistics], input_shape: tuple[int, ...], dtype: torch.dtype
+    ) -> None:
+        """Refuse statistics whose layer shapes are not this model's (a state saved from another model)."""
+        found: dict[str, tuple[int, ...]] = {}
+        probe = torch.zeros(1, *input_shape, device=self._device, dtype=dtype)
+        try:
+            with self._own_pass():
+                capture_activations(
+                    self.model, [probe], layers, lambda layer, out: found.setdefault(layer, tuple(out.shape[1:]))
+                )
+        except RuntimeError as error:
+            raise FireDefenseError(
+                f"the model does not take the inputs {list(input_shape)} this FIRE state was fitted on "
+                f"({first_line(error)}); load a state saved from this model."
+            ) from None
+        for layer in layers:
+            if found[layer] != tuple(stats[layer].shape):
+                raise FireDefenseError(
+                    f"this FIRE state was saved from another model: its {layer} activations are "
+                    f"{tuple(stats[layer].shape)}, this model's {found[layer]}; load a state saved from this model."
+                )
 
     def save(self, path: str | Path) -> None:
         """Write :meth:`state_dict` to ``path``."""
@@ -607,9 +708,29 @@ class FIRE:
             raise FireDefenseError(f"{path} does not exist.") from None
         except Exception as error:  # noqa: BLE001 - torch raises many types for a bad or unsafe file
             raise FireDefenseError(
-                f"{path} is not a FIRE state file that loads safely ({first_line(error)})."
+                f"{path} is not a FIRE state file that loads safely ({torch_load_reason(error)}); "
+                "load a file written by FIRE.save()."
             ) from None
         return self.load_state_dict(state)
+
+
+def _is_integer(value: Any) -> bool:
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def _check_inputs(batch: torch.Tensor, what: str) -> None:
+    """Refuse a batch FIRE would turn into meaningless numbers: uint8 images, or NaN / infinite values."""
+    name = f"the {what} inputs" if what else "inputs"
+    if batch.dtype in (torch.uint8, torch.bool):
+        raise FireDefenseError(
+            f"{name} are {batch.dtype}; give the float tensors the model takes (uint8 images: x.float() / 255)."
+        )
+    if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+        raise FireDefenseError(f"{name} hold NaN or infinite values; drop or repair those inputs.")
 
 
 class RepairedModel(nn.Module):
@@ -618,22 +739,30 @@ class RepairedModel(nn.Module):
     The repairs (and the condition) are submodules, so ``.to()`` moves them with the model and
     ``state_dict()`` holds their buffers beside the model's weights. Hooks are attached for each
     forward call only. With a ``condition``, the model first runs unrepaired, and only the inputs
-    the condition selects run again, repaired.
+    the condition selects run again, repaired: from the first repaired layer's stored output
+    through ``resume`` where one is given, else through the whole model.
 
     Args:
         model: The classifier.
         repairs: ``{layer name: repair module}``, applied in this order.
         condition: Selects the inputs to repair from the unrepaired logits (default: every input).
+        resume: ``(layer, rest)`` from :func:`fire_defense.split.suffix_after`: ``rest`` maps that
+            repaired layer's output to the logits (it shares the model's modules, so it is not a submodule).
     """
 
     def __init__(
-        self, model: nn.Module, repairs: Mapping[str, LayerRepair], condition: TargetCondition | None = None
+        self,
+        model: nn.Module,
+        repairs: Mapping[str, LayerRepair],
+        condition: TargetCondition | None = None,
+        resume: tuple[str, nn.Module] | None = None,
     ) -> None:
         super().__init__()
         self.model = model
         self.layers = list(repairs)
         self.repairs = nn.ModuleList(repairs.values())
         self.condition = condition
+        self.resume = resume
 
     def forward(self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Repaired logits; ``scores``, if given, gets each layer's projection score of the first pass."""
@@ -642,7 +771,12 @@ class RepairedModel(nn.Module):
             with HookHandles(self.model, [(layer, repair_hook(layer, repair, scores)) for layer, repair in pairs]):
                 return self.model(x)
         first: dict[str, torch.Tensor] = {} if scores is None else scores
-        with HookHandles(self.model, [(layer, repair_hook(layer, r, first, apply=False)) for layer, r in pairs]):
+        hooks = [(layer, repair_hook(layer, r, first, apply=False)) for layer, r in pairs]
+        stored: list[torch.Tensor] = []
+        if self.resume is not None:
+            start = self.resume[0]
+            hooks.append((start, lambda module, inputs, output: stored.append(tensor_output(start, output))))
+        with HookHandles(self.model, hooks):
             logits = self.model(x)
         selected = self.condition(logits)
         for layer, repair in pairs:
@@ -650,5 +784,9 @@ class RepairedModel(nn.Module):
         if not bool(selected.any()):
             return logits
         with HookHandles(self.model, [(layer, repair_hook(layer, repair)) for layer, repair in pairs]):
-            repaired = self.model(x[selected])
+            if self.resume is None:
+                repaired = self.model(x[selected])
+            else:
+                start, rest = self.resume
+                repaired = rest(self.repairs[self.layers.index(start)](stored[0][selected]))
         return logits.index_put((selected,), repaired)

@@ -286,12 +286,42 @@ def write_backdoored_record(root: Path, n_train: int = 600, n_test: int = 300, e
 
 
 class ForwardCounter:
-    """Counts the inputs that reach a model's forward (its deep copies included: hooks are copied with it)."""
+    """Counts what reaches a model (its deep copies included: hooks are copied with it).
+
+    ``inputs``: the batches given to its forward. ``passes``: the rows of each batch that reach its
+    output layer (the last submodule), so a pass that resumes after a repaired layer counts too.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.inputs: list[torch.Tensor] = []
-        self.handle = model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0].detach()))
+        self.passes: list[int] = []
+        output = [module for module in model.modules() if next(module.children(), None) is None][-1]
+        self.handles = [
+            model.register_forward_pre_hook(lambda module, args: self.inputs.append(args[0].detach())),
+            output.register_forward_hook(lambda module, args, out: self.passes.append(len(out))),
+        ]
 
     @property
     def count(self) -> int:
-        return sum(len(x) for x in self.inputs)
+        """Rows that reached the output layer: forward passes times inputs."""
+        return sum(self.passes)
+
+    def clear(self) -> None:
+        self.inputs.clear()
+        self.passes.clear()
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class Recording:
+    """An executor that runs in this process and remembers which items (cells, records) it was given."""
+
+    def __init__(self) -> None:
+        self.given: list = []
+
+    def map(self, fn, items):
+        self.given += list(items)
+        for item in items:
+            yield item, fn(item)

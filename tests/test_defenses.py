@@ -11,22 +11,26 @@ from fire_bench.defenses import RuntimeDefense, create_defense, list_defenses
 from fire_defense import FIRE, FireDefenseError, NotFittedError, UnknownNameError
 from fire_defense.metrics import REJECTED, predict
 
-from helpers import ForwardCounter, patch, tiny_backdoored_model
+from helpers import ForwardCounter, patch, write_backdoored_record
 
 
-@pytest.fixture(scope="module")
-def tiny():
-    return tiny_backdoored_model()
+def reference_labels(tiny) -> torch.Tensor:
+    """Stand-in true labels for the reference (helpers.py does not keep them): the accurate tiny model's predictions."""
+    with torch.inference_mode():
+        return tiny.model(tiny.reference).argmax(1)
 
 
 def fitted(name: str, tiny, **params) -> RuntimeDefense:
-    return create_defense(name, **params).fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=patch)
+    return create_defense(name, **params).fit(
+        tiny.model, tiny.reference, poisoned=tiny.seen, trigger=patch, clean_labels=reference_labels(tiny)
+    )
 
 
 @pytest.mark.parametrize("name", list_defenses())
 def test_every_defense_declares_its_true_cost_and_sees_only_the_defenders_data(name, tiny):
     if name == "ibd-psc":
         pytest.skip("IBD-PSC amplifies BatchNorm, which the tiny model lacks; test_detectors.py runs it on one")
+    clean_labels = reference_labels(tiny)  # before counting: only the defense's own passes count
     counter = ForwardCounter(tiny.model)
     hooks_before = len(tiny.model._forward_hooks)
     try:
@@ -37,30 +41,30 @@ def test_every_defense_declares_its_true_cost_and_sees_only_the_defenders_data(n
             triggered.append(x)
             return patch(x)
 
-        defense.fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=spy_trigger)
+        defense.fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=spy_trigger, clean_labels=clean_labels)
         seen_at_fit = torch.cat(counter.inputs).flatten(1) if counter.inputs else torch.empty(0, 256)
         test_rows = torch.cat([tiny.test_x, tiny.poisoned_x]).flatten(1)
         assert not (torch.cdist(seen_at_fit, test_rows) < 1e-6).any(), "an evaluation input reached the model at fit"
         assert bool(triggered) == ("trigger" in defense.needs)
 
-        counter.inputs.clear()
+        counter.clear()
         x = tiny.test_x[:40]
         labels = defense.predict(x)
         if defense.cost_varies:  # declared as measured on the clean reference: exact there, bounded elsewhere
             assert len(x) <= counter.count <= 2 * len(x)
-            counter.inputs.clear()
+            counter.clear()
             defense.predict(tiny.reference)
             assert counter.count == pytest.approx(defense.forward_passes * len(tiny.reference))
         else:
             assert counter.count == pytest.approx(defense.forward_passes * len(x))
     finally:
-        counter.handle.remove()
+        counter.remove()
     assert len(tiny.model._forward_hooks) == hooks_before  # every hook a defense set is gone
     assert labels.shape == (40,) and labels.dtype == torch.int64
     allowed = set(range(10)) | ({REJECTED} if defense.rejects else set())
     assert set(labels.tolist()) <= allowed
     assert defense.source, "cite the paper"
-    again = create_defense(name).fit(tiny.model, tiny.reference, poisoned=tiny.seen, trigger=patch)
+    again = fitted(name, tiny)
     assert torch.equal(labels, again.predict(x))  # seeded: a refit makes the same decisions
 
 
@@ -89,24 +93,25 @@ def test_fire_behind_the_interface_is_fire(tiny):
     assert (scores > 0).float().mean() > 0.8 and (defense.score(tiny.test_x) > 0).float().mean() < 0.05
 
 
-def test_fire_stream_chooses_its_layer_from_the_first_inputs_then_streams_them_all(tiny):
-    defense = fitted("fire-stream", tiny, warmup=2, mode="gate")
-    first = FIRE(tiny.model, layers="auto", mode="gate").fit(tiny.reference, poisoned=tiny.seen[:2])
-    chosen = first.layers_
-    assert defense.layers_ == chosen and 1 < defense.forward_passes < 2  # the inputs sent to the target run twice
-    streamed = FIRE(tiny.model, layers=chosen, mode="gate", gate_quantiles=(first.gate_quantile_,))
-    streamed.partial_fit(clean=tiny.reference)
-    streamed.partial_fit(poisoned=[x[None] for x in tiny.seen])  # every one of the k inputs, one at a time
-    assert np.array_equal(defense.predict(tiny.poisoned_x).numpy(), predict(streamed, tiny.poisoned_x))
+def test_fire_stream_equals_the_batch_fit_while_its_reservoir_holds_every_input(tiny):
+    streamed, batch = fitted("fire-stream", tiny, mode="gate"), fitted("fire", tiny, mode="gate")
+    assert len(tiny.seen) <= streamed.reservoir and streamed.layers_ == batch.layers_
+    assert streamed.setting_ == batch.setting_ and 1 < streamed.forward_passes < 2  # inputs sent to the target: twice
+    assert torch.equal(streamed.predict(tiny.poisoned_x), batch.predict(tiny.poisoned_x))
+    torch.testing.assert_close(streamed.score(tiny.test_x), batch.score(tiny.test_x))
+
+
+def test_fire_stream_chooses_from_its_reservoir_and_repairs_with_the_whole_stream(tiny):
+    defense = fitted("fire-stream", tiny, reservoir=2, mode="gate")
+    layer, quantile = defense.layers_, defense.fire_.gate_quantile_
+    whole = FIRE(tiny.model, layers=layer, mode="gate", gate_quantiles=(quantile,)).partial_fit(clean=tiny.reference)
+    whole.partial_fit(poisoned=[x[None] for x in tiny.seen])  # every one of the k inputs, one at a time
+    assert np.array_equal(defense.predict(tiny.poisoned_x).numpy(), predict(whole, tiny.poisoned_x))
     assert (defense.predict(tiny.poisoned_x) == 0).float().mean() < 0.2  # it repairs
-    first_two = create_defense("fire-stream", warmup=2, mode="gate").fit(
-        tiny.model, tiny.reference, poisoned=tiny.seen[:2]
-    )
-    assert first_two.layers_ == chosen and not torch.equal(
-        first_two.score(tiny.poisoned_x), defense.score(tiny.poisoned_x)
-    )
-    with pytest.raises(FireDefenseError, match="warmup must be an integer >= 1"):
-        fitted("fire-stream", tiny, warmup=0)
+    again = fitted("fire-stream", tiny, reservoir=2, mode="gate")
+    assert again.setting_ == defense.setting_  # the reservoir's sample is seeded
+    with pytest.raises(FireDefenseError, match="reservoir must be an integer >= 1"):
+        fitted("fire-stream", tiny, reservoir=0)
 
 
 def test_shrinkpad_shrinks_and_pads_at_seeded_random_offsets(tiny):
@@ -190,3 +195,39 @@ def test_februus_masks_the_patch_and_inpaints_it(tiny):
     purified = defense.purify(tiny.poisoned_x[:50])
     assert (purified[..., -3:, -3:] < 0.9).float().mean() > 0.8  # the white patch is inpainted away
     assert (defense.predict(tiny.poisoned_x) == 0).float().mean() < 0.2
+
+
+def test_evaluate_gives_the_clean_references_true_labels_only_to_a_defense_that_needs_them(tmp_path):
+    from fire_adapters.records import load_record
+    from fire_bench.evaluation import defender, evaluate
+    from fire_bench.grid import DefenseSpec, Protocol
+    from fire_bench.protocol import split_record
+
+    record = load_record(write_backdoored_record(tmp_path, n_train=200, n_test=100, epochs=1))
+    protocol = Protocol(clean_size=60, k=2, defender_share=0.2, eval_clean=20, eval_poisoned=20)
+    split = split_record(record, seed=0, clean_size=60, defender_share=0.2)
+    truth = torch.as_tensor(split.clean_reference.labels)
+    for spec, labelled in (
+        (DefenseSpec("scale-up"), True),
+        (DefenseSpec("ibd-psc"), True),
+        (DefenseSpec("scale-up", {"use_labels": False}), False),
+        (DefenseSpec("strip", {"n_copies": 8}), False),
+    ):
+        defense = create_defense(spec.name, **spec.params)
+        data = defender(record, split, defense, protocol, torch.device("cpu"))
+        assert (data.clean_labels is not None) == labelled, spec
+        if labelled:
+            assert torch.equal(data.clean_labels, truth)  # the training split's labels, not the model's guesses
+        row, fitted_defense = evaluate(record, split, spec, protocol, "cpu")
+        assert torch.equal(fitted_defense.clean_labels_, truth) if labelled else fitted_defense.clean_labels_ is None
+        assert {"tpr", "fpr", "auroc"} <= row.keys()
+
+
+def test_the_fire_defenses_declared_choices_are_the_cores():
+    from typing import get_args
+
+    from fire_bench.defenses.fire import Mode, Selection
+    from fire_defense import MODES
+    from fire_defense.selection import SELECTIONS
+
+    assert set(get_args(Mode)) == set(MODES) and set(get_args(Selection)) == set(SELECTIONS)

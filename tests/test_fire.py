@@ -470,17 +470,15 @@ def test_target_condition_repairs_only_inputs_sent_to_the_target_in_a_second_pas
     with torch.inference_mode():
         out, plain = fire(mixed), model(mixed)
     sent_to_target = plain.argmax(1) == 0
-    assert [len(x) for x in counter.inputs[:2]] == [
-        40,
-        int(sent_to_target.sum()),
-    ]  # one pass, then only the selected inputs again
+    assert counter.passes[:2] == [40, int(sent_to_target.sum())]  # one pass, then only the selected inputs again
+    assert len(counter.inputs) == 2  # (and the plain pass): the second pass resumed after the repaired layer
     torch.testing.assert_close(out[~sent_to_target], plain[~sent_to_target])  # the others are untouched
     assert (out.argmax(1) == torch.cat([labels[:20], labels[20:40]])).all()
-    counter.inputs.clear()
+    counter.clear()
     with torch.inference_mode():
         fire(test[labels != 0])  # nothing is sent to the target: a single pass
-    assert [len(x) for x in counter.inputs] == [int((labels != 0).sum())]
-    counter.handle.remove()
+    assert counter.passes == [int((labels != 0).sum())]
+    counter.remove()
     with pytest.raises(FireDefenseError, match="second pass that hooks cannot express"):
         fire.attach()
 

@@ -11,17 +11,20 @@ of a layer's projection over its gate threshold.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import ClassVar
+from typing import ClassVar, Literal, get_args
 
 import torch
 
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
 from fire_defense import FIRE, FireDefenseError
 
-__all__ = ["FireDefense", "repaired_decision"]
+__all__ = ["Condition", "FireDefense", "Mode", "Selection", "repaired_decision"]
 
-ESTIMATES = ("unpaired", "paired")
-CONDITIONS = ("target", "none")
+Mode = Literal["match", "shift", "project", "gate"]  # FIRE's repair modes (fire_defense.MODES; a test checks)
+Estimate = Literal["unpaired", "paired"]
+Condition = Literal["target", "none"]
+Selection = Literal["holdout", "repair", "separation"]  # fire_defense.selection.SELECTIONS (a test checks)
+ESTIMATES, CONDITIONS = get_args(Estimate), get_args(Condition)
 
 
 @register_defense
@@ -47,13 +50,13 @@ class FireDefense(RuntimeDefense):
     def __init__(
         self,
         *,
-        mode: str = "match",
+        mode: Mode = "match",
         layers: str | Sequence[str] = "auto",
-        estimate: str = "unpaired",
+        estimate: Estimate = "unpaired",
         alpha: float = 1.0,
         fpr: float = 0.01,
-        condition: str = "target",
-        select: str = "holdout",
+        condition: Condition = "target",
+        select: Selection = "holdout",
         gate_quantiles: Sequence[float | None] = (None, 0.5, 0.9),
         **common: int,
     ) -> None:
@@ -111,13 +114,15 @@ def second_pass_share(fire: FIRE, clean: torch.Tensor) -> float:
         return 0.0
     module = fire.module()
     calls: list[int] = []
-    handle = fire.model.register_forward_pre_hook(lambda _, args: calls.append(len(args[0])))
+    passes = [fire.model] + ([] if module.resume is None else [module.resume[1]])  # whole, resumed after the layer
+    handles = [part.register_forward_pre_hook(lambda _, args: calls.append(len(args[0]))) for part in passes]
     try:
         with torch.inference_mode():
             for batch in clean.split(fire.batch_size):
                 module(batch)
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     return sum(calls) / len(clean) - 1.0
 
 

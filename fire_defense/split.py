@@ -1,0 +1,59 @@
+"""The part of a model after a layer, as a module of that layer's output: a second pass that resumes there.
+
+FIRE's target condition runs the model once unrepaired, then again, repaired, for the inputs it
+selects. Everything before the first repaired layer is the same in both passes, so the second
+pass can start from the activation the first one stored at that layer. :func:`suffix_after`
+builds that rest of the model with ``torch.fx``: only the ``forward`` methods of the modules that
+contain a repaired layer are traced, every other submodule (the repaired layers included) is
+called as it is, so forward hooks on the repaired layers still fire in the suffix. Where the
+model cannot be split there (it does not trace, or a value computed before the layer, such as the
+input itself, is used after it) there is no suffix, and the caller runs the whole model again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from torch import fx, nn
+
+__all__ = ["suffix_after"]
+
+
+class _AncestorTracer(fx.Tracer):
+    """Traces only through the modules on the path to ``layers``; every other module is one ``call_module``."""
+
+    def __init__(self, layers: Sequence[str]) -> None:
+        super().__init__()
+        parts = [layer.split(".") for layer in layers]
+        self.ancestors = {".".join(names[:depth]) for names in parts for depth in range(len(names))}
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return qualified_name not in self.ancestors
+
+
+def suffix_after(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.GraphModule] | None:
+    """``(first, rest)``: the first of ``layers`` that ``model`` computes, and ``rest(h)``, the model's output
+    from that layer's output ``h``; ``rest`` shares ``model``'s submodules (their weights and hooks).
+
+    Returns ``None`` where the model cannot be cut there (see the module docstring).
+    """
+    try:
+        graph = _AncestorTracer(layers).trace(model)
+    except Exception:  # noqa: BLE001 - fx raises many types for code it cannot trace; the caller falls back
+        return None
+    nodes = list(graph.nodes)
+    cuts = [i for i, node in enumerate(nodes) if node.op == "call_module" and node.target in layers]
+    if sorted(nodes[i].target for i in cuts) != sorted(set(layers)):
+        return None  # a repaired layer is called more than once, or never
+    cut = cuts[0]
+    before, after = set(nodes[:cut]), nodes[cut + 1 :]
+    if any(used in before and used.op != "get_attr" for node in after for used in node.all_input_nodes):
+        return None  # a value from before the cut (the input, a skip connection) is needed after it
+    rest = fx.Graph()
+    env = {nodes[cut]: rest.placeholder("activation")}
+    for node in after:
+        for used in node.all_input_nodes:
+            if used in before and used not in env:  # a parameter or constant read before the cut, used after it
+                env[used] = rest.node_copy(used, env.__getitem__)
+        env[node] = rest.node_copy(node, env.__getitem__)
+    return str(nodes[cut].target), fx.GraphModule(model, rest)
