@@ -23,6 +23,7 @@ import torch
 from fire_adapters import create_model, load_record, to_tensor, with_normalization
 from fire_bench.timing import interleaved_ratio
 from fire_defense import FIRE
+from fire_defense.fire import RepairedModel
 
 LAYER, LAST = "1.layer3", "1.layer4"
 
@@ -54,6 +55,7 @@ FITTED = {
     for mode in MODES
 }
 DEFAULTS = FIRE(copy.deepcopy(CLASSIFIER)).fit(CLEAN, poisoned=POISONED)
+WHOLE_SECOND_PASS = RepairedModel(DEFAULTS.model, DEFAULTS.repairs_, DEFAULTS.condition_)  # no resume
 SHIFT_LAST = FIRE(copy.deepcopy(CLASSIFIER), layers=LAST, mode="shift", condition=None)
 FOLDED = SHIFT_LAST.fit(CLEAN, poisoned=POISONED).fold(CLEAN[:16])
 VARIANTS = {
@@ -61,7 +63,9 @@ VARIANTS = {
     **{f"fire-{mode}": (FITTED[mode].model, FITTED[mode]) for mode in MODES},  # hooks attached for the test
     "fire-gate-per-call": (FITTED["gate"], None),  # fire(x): hooks attached and removed on every call
     "fire-shift-folded": (FOLDED, None),
-    "fire-defaults": (DEFAULTS, None),  # fire(x) with FIRE's default settings
+    "fire-defaults": (DEFAULTS, None),  # fire(x) with FIRE's default settings (its input checks included)
+    "fire-defaults-module": (DEFAULTS.module(), None),  # fire.module(): the second pass resumes after the layer
+    "fire-defaults-whole-second-pass": (WHOLE_SECOND_PASS, None),  # the same module, its second pass from the input
 }
 
 
