@@ -325,3 +325,16 @@ class Recording:
         self.given += list(items)
         for item in items:
             yield item, fn(item)
+
+
+def child_processes(pid: int) -> set[int]:
+    """The pids of ``pid``'s child processes, read from ``/proc`` (Linux)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended while we looked
+        if int(fields[1]) == pid:  # the field after the state is the parent's pid
+            found.add(int(stat.parent.name))
+    return found

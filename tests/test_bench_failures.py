@@ -21,7 +21,7 @@ from fire_bench.grid import load_grid
 from fire_bench.runner import run_grid
 from fire_defense import FireDefenseError
 
-from helpers import Recording, write_idx
+from helpers import Recording, child_processes, write_idx
 
 PROTOCOL = {"clean_size": 60, "k": 3, "defender_share": 0.2, "eval_clean": 30, "eval_poisoned": 30}
 
@@ -282,18 +282,6 @@ def test_the_installer_refuses_a_symlink_out_of_the_checkout(checkout, tmp_path,
 # --- 3. Ctrl-C ---------------------------------------------------------------------------------------------------
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            found.add(int(stat.parent.name))
-    return found
-
-
 def _running(pid: int) -> bool:
     """Whether ``pid`` is alive (a zombie, exited but not yet reaped, is not)."""
     try:
@@ -314,7 +302,7 @@ def test_ctrl_c_stops_a_run_within_seconds_keeps_its_cells_and_says_so_in_one_li
         while not list((out / "cache").glob("*.json")) and time.monotonic() < deadline and run.poll() is None:
             time.sleep(0.1)
         assert run.poll() is None, "the run ended before it could be interrupted"
-        workers = _children(run.pid)
+        workers = child_processes(run.pid)
         interrupted = time.monotonic()
         run.send_signal(signal.SIGINT)
         stdout, stderr = run.communicate(timeout=30)

@@ -26,7 +26,7 @@ from fire_bench.runner import grid_cells, run_grid
 from fire_defense import FireDefenseError, UnknownNameError
 from fire_defense.metrics import REJECTED, auroc, backdoor_metrics, defense_effectiveness_rating
 
-from helpers import Recording, write_fake_record
+from helpers import Recording, child_processes, write_fake_record
 
 PROTOCOL = {"clean_size": 120, "k": 5, "defender_share": 0.2, "eval_clean": 40, "eval_poisoned": 40}
 
@@ -361,18 +361,6 @@ def test_a_grid_trains_only_its_missing_records_through_the_executor(tmp_path, m
     assert again.given == []  # the records were found, the cells cached
 
 
-def _children(pid: int) -> set[int]:
-    found = set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # the process ended while we looked
-        if int(fields[1]) == pid:  # the field after the state is the parent's pid
-            found.add(int(stat.parent.name))
-    return found
-
-
 @pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc")
 def test_workers_exit_when_the_runner_is_killed(records, tmp_path):
     grid_file = write_grid(tmp_path / "grid.yaml", records, [{"name": "none"}, {"name": "strip"}], k_curve=None)
@@ -384,7 +372,7 @@ def test_workers_exit_when_the_runner_is_killed(records, tmp_path):
     )
     try:
         deadline = time.monotonic() + 120
-        while not (workers := _children(run.pid)) and time.monotonic() < deadline:
+        while not (workers := child_processes(run.pid)) and time.monotonic() < deadline:
             time.sleep(0.2)
         assert workers, "the runner started no worker process"
         run.kill()  # the runner alone, as a scheduler or the OOM killer would: its workers get no signal
