@@ -317,6 +317,29 @@ class FIRE:
         finally:
             self._own_passes -= 1
 
+    def _condition_outputs(self, layers: Sequence[str]) -> dict[str, list[torch.Tensor]] | None:
+        """An empty ``outputs`` for :meth:`_gather` where its passes can give the condition the unrepaired model
+        outputs (one group of layers, no augmented views), sparing a pass of their own; else ``None``."""
+        one_group = not self.cascade or len(layers) == 1
+        return {} if self.condition == "target" and one_group and self.augmentation is None else None
+
+    def _observe(
+        self,
+        outputs: dict[str, list[torch.Tensor]] | None,
+        clean: list[torch.Tensor] | None,
+        poisoned: list[torch.Tensor] | None,
+    ) -> None:
+        """With the target condition: update ``condition_`` with the unrepaired outputs on ``poisoned`` and add
+        the reference's predictions on ``clean`` to ``clean_predictions_`` (for the gate threshold), from the
+        gathering passes' ``outputs`` where given, else from passes of their own."""
+        if self.condition != "target":
+            return
+        if poisoned is not None:
+            self._update_condition(torch.cat(outputs["poisoned"]) if outputs else self._predictions(poisoned))
+        if clean is not None:
+            new = (torch.cat(outputs["clean"]) if outputs else self._predictions(clean)).argmax(1)
+            self.clean_predictions_ = torch.cat([getattr(self, "clean_predictions_", new[:0]), new])
+
     def _update_condition(self, logits: torch.Tensor) -> None:
         """Update ``condition_`` (made on first use) with the unrepaired outputs on more poisoned inputs."""
         if not hasattr(self, "condition_"):
@@ -399,9 +422,7 @@ class FIRE:
             self._gather(streams, layers, stats, None, cascade=False, keep_poisoned=True, outputs=outputs)
             assert poisoned_batches is not None
             clean_logits, poisoned_logits = torch.cat(outputs["clean"]), torch.cat(outputs["poisoned"])
-            if self.condition == "target":
-                self._update_condition(poisoned_logits)
-                self.clean_predictions_ = clean_logits.argmax(1)
+            self._observe(outputs, clean_batches, poisoned_batches)
             choice = choose_layer(
                 self.model,
                 stats,
@@ -419,20 +440,11 @@ class FIRE:
             quantile = choice.quantile if self.select == "holdout" else quantile
             stats = {choice.layer: stats[choice.layer]}
         else:
-            # the condition needs the unrepaired outputs: the gathering passes give them when they run unrepaired
-            one_group = not self.cascade or len(layers) == 1
-            outputs = {} if self.condition == "target" and one_group and self.augmentation is None else None
+            outputs = self._condition_outputs(layers)
             self._gather(
                 streams, layers, stats, repairs, cascade=self.cascade, keep_poisoned=self.rank > 1, outputs=outputs
             )
-            if self.condition == "target":
-                known = outputs or {}
-                if poisoned_batches is not None:
-                    self._update_condition(
-                        torch.cat(known["poisoned"]) if known else self._predictions(poisoned_batches)
-                    )
-                clean_logits = torch.cat(known["clean"]) if known else self._predictions(clean_batches)
-                self.clean_predictions_ = clean_logits.argmax(1)
+            self._observe(outputs, clean_batches, poisoned_batches)
         for layer in layers:
             if self.rank > 1:
                 stats[layer].decompose(self.rank)
@@ -494,15 +506,10 @@ class FIRE:
         streams = self._streams(clean_batches, poisoned_batches)
         if not streams:
             raise FireDefenseError("partial_fit needs clean or poisoned inputs.")
-        if self.condition == "target":
-            if poisoned_batches is not None:
-                self._update_condition(self._predictions(poisoned_batches))
-            if clean_batches is not None:  # the reference's predictions, for the gate threshold
-                new = self._predictions(clean_batches).argmax(1)
-                known = getattr(self, "clean_predictions_", new[:0])
-                self.clean_predictions_ = torch.cat([known, new])
         repairs = getattr(self, "repairs_", {})
-        self._gather(streams, self.layers_, self.stats_, repairs, cascade=self.cascade)
+        outputs = self._condition_outputs(self.layers_)
+        self._gather(streams, self.layers_, self.stats_, repairs, cascade=self.cascade, outputs=outputs)
+        self._observe(outputs, clean_batches, poisoned_batches)
         if len(repairs) == len(self.layers_):
             self.repairs_ = repairs  # fitted once every layer has seen clean and poisoned inputs
             self._set_gate_thresholds()
