@@ -16,7 +16,6 @@ import io
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from numbers import Integral
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -30,6 +29,7 @@ from fire_adapters.preprocess import with_normalization
 from fire_adapters.records import RECORD_FILE, Record, read_record_file, save_record
 from fire_adapters.training import TrainConfig, evaluate, train_backdoored_model
 from fire_defense import FireDefenseError
+from fire_defense.checks import is_integer
 from fire_defense.progress import progress_bar
 
 __all__ = [
@@ -72,7 +72,7 @@ class RecordRecipe:
         return f"{self.dataset}_{self.model}_{self.attack}_seed{self.seed}"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.seed, Integral) or isinstance(self.seed, bool) or self.seed < 0:
+        if not is_integer(self.seed) or self.seed < 0:
             raise FireDefenseError(f"a recipe's seed must be an integer >= 0, got {self.seed!r}.")
         if not isinstance(self.train, TrainConfig):
             raise FireDefenseError(f"a recipe's train must be a TrainConfig, got {type(self.train).__name__}.")

@@ -9,7 +9,6 @@ randomised per batch (Input-aware, WaNet's noise mode) adjust each batch through
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -23,19 +22,11 @@ from fire_adapters.attacks.base import Attack
 from fire_adapters.images import ImageSet
 from fire_adapters.preprocess import to_tensor, with_normalization
 from fire_defense import FireDefenseError, resolve_device
+from fire_defense.checks import is_finite_number, is_integer
 from fire_defense.metrics import backdoor_metrics, predict
 from fire_defense.progress import progress_bar
 
 __all__ = ["TrainConfig", "augment", "evaluate", "train_backdoored_model"]
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
-def _is_finite(value: Any) -> bool:
-    """A real number (not a bool) that is neither NaN nor infinite."""
-    return (_is_integer(value) or isinstance(value, (float, np.floating))) and math.isfinite(value)
 
 
 @dataclass(frozen=True)
@@ -58,11 +49,11 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = {
-            "epochs must be an integer >= 1": _is_integer(self.epochs) and self.epochs >= 1,
-            "batch_size must be an integer >= 1": _is_integer(self.batch_size) and self.batch_size >= 1,
-            "lr must be a finite number > 0": _is_finite(self.lr) and self.lr > 0,
-            "momentum must be in [0, 1)": _is_finite(self.momentum) and 0 <= self.momentum < 1,
-            "weight_decay must be a finite number >= 0": _is_finite(self.weight_decay) and self.weight_decay >= 0,
+            "epochs must be an integer >= 1": is_integer(self.epochs) and self.epochs >= 1,
+            "batch_size must be an integer >= 1": is_integer(self.batch_size) and self.batch_size >= 1,
+            "lr must be a finite number > 0": is_finite_number(self.lr) and self.lr > 0,
+            "momentum must be in [0, 1)": is_finite_number(self.momentum) and 0 <= self.momentum < 1,
+            "weight_decay must be a finite number >= 0": is_finite_number(self.weight_decay) and self.weight_decay >= 0,
         }
         problems = [problem for problem, ok in checks.items() if not ok]
         if problems:

@@ -30,15 +30,14 @@ The paper's text was not available to us; these choices are ours (``docs/fire.md
 from __future__ import annotations
 
 import contextlib
-import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from numbers import Integral, Real
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from fire_defense.checks import is_finite_number, is_integer, is_number
 from fire_defense.device import module_device
 from fire_defense.errors import FireDefenseError, NotFittedError, first_line, torch_load_reason
 from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers, tensor_output
@@ -134,13 +133,13 @@ class FIRE:
 
     def _validate(self) -> None:
         integers = {"rank": self.rank, "views": self.views, "batch_size": self.batch_size}
-        wrong = [f"{name}={value!r}" for name, value in integers.items() if not _is_integer(value)]
+        wrong = [f"{name}={value!r}" for name, value in integers.items() if not is_integer(value)]
         if wrong:
             raise FireDefenseError(f"rank, views and batch_size must be whole numbers; got {', '.join(wrong)}.")
-        if not _is_real(self.fpr):
+        if not is_number(self.fpr):
             raise FireDefenseError(f"fpr must be a number in (0, 1), got {self.fpr!r}.")
         alphas = list(self.alpha.values()) if isinstance(self.alpha, Mapping) else [self.alpha]
-        if not all(_is_real(value) and math.isfinite(value) for value in alphas):
+        if not all(is_finite_number(value) for value in alphas):
             raise FireDefenseError(f"alpha must be a finite number or {{layer: finite number}}, got {self.alpha!r}.")
         if self.mode not in MODES:
             raise FireDefenseError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}.")
@@ -646,7 +645,7 @@ class FIRE:
             input_shape = config.get("input_shape")  # absent in files written before it was saved
             if input_shape is not None:
                 input_shape = tuple(input_shape)
-                if not input_shape or not all(_is_integer(n) and n >= 1 for n in input_shape):
+                if not input_shape or not all(is_integer(n) and n >= 1 for n in input_shape):
                     raise FireDefenseError(f"a FIRE state's input_shape must be sizes >= 1, got {list(input_shape)}.")
             counts = state.get("target_counts") if settings["condition"] == "target" else None
             if counts is not None:
@@ -719,14 +718,6 @@ class FIRE:
                 "load a file written by FIRE.save()."
             ) from None
         return self.load_state_dict(state)
-
-
-def _is_integer(value: Any) -> bool:
-    return isinstance(value, Integral) and not isinstance(value, bool)
-
-
-def _is_real(value: Any) -> bool:
-    return isinstance(value, Real) and not isinstance(value, bool)
 
 
 def _check_inputs(batch: torch.Tensor, what: str) -> None:

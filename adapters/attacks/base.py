@@ -14,7 +14,6 @@ convention), so :meth:`Attack.params` rebuilds the attack; learned or random tri
 from __future__ import annotations
 
 import inspect
-import math
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,6 +23,7 @@ from torch import nn
 from fire_adapters.datasets import DatasetSpec, get_dataset_spec
 from fire_adapters.images import ImageSet
 from fire_defense import FireDefenseError, Registry, drop_none
+from fire_defense.checks import is_finite_number, is_integer
 from fire_defense.registry import keyword_parameters
 
 __all__ = [
@@ -228,14 +228,12 @@ def _keyword_defaults(cls: type) -> dict[str, Any]:
 
 def _check_kind(attack: str, key: str, value: Any, default: Any) -> None:
     """Refuse a parameter of another kind than its default: an integer for an int, a finite number for a float."""
-    integer = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
     if isinstance(default, bool):
         kind, ok = "True or False", isinstance(value, (bool, np.bool_))
     elif isinstance(default, int):
-        kind, ok = "an integer", integer
+        kind, ok = "an integer", is_integer(value)
     elif isinstance(default, float):
-        kind = "a finite number"
-        ok = (integer or isinstance(value, (float, np.floating))) and math.isfinite(value)
+        kind, ok = "a finite number", is_finite_number(value)
     else:
         return
     if not ok:
