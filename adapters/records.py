@@ -34,6 +34,7 @@ from fire_adapters.models import MODELS, TIMM_PREFIX, create_model, load_model_s
 from fire_adapters.preprocess import with_normalization
 from fire_adapters.safe_load import safe_torch_load
 from fire_defense import FireDefenseError
+from fire_defense.checks import is_integer
 from fire_defense.progress import progress_bar
 
 __all__ = [
@@ -47,6 +48,7 @@ __all__ = [
 ]
 
 RECORD_FILE = "attack_result.pt"
+_DAMAGED = "the record is damaged: copy it again or rebuild it"
 REQUIRED_KEYS = ("model_name", "num_classes", "model", "data_path", "img_size", "clean_data", "bd_train", "bd_test")
 
 
@@ -126,9 +128,7 @@ def _integer(value: Any) -> int | None:
     """``value`` as an int if it is an integer (Python, numpy or 0-d integer tensor), else ``None``."""
     if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
         value = value.item()
-    if isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_)):
-        return int(value)
-    return None
+    return int(value) if is_integer(value) else None
 
 
 def _integer_array(value: Any) -> np.ndarray | None:
@@ -142,6 +142,14 @@ def _integer_array(value: Any) -> np.ndarray | None:
     if array.dtype.kind == "f" and np.isfinite(array).all() and (array == np.round(array)).all():
         return array.astype(np.int64)
     return None
+
+
+def _poison_indicator(value: Any, where: str) -> np.ndarray:
+    """A dataset state's ``poison_indicator`` as an int64 array of 0s and 1s, else a :class:`RecordError`."""
+    indicator = _integer_array(value)
+    if indicator is None or not np.isin(indicator, (0, 1)).all():
+        raise RecordError(f"{where}: poison_indicator must be an array of 0s and 1s; {_DAMAGED}.")
+    return indicator
 
 
 def _read_png(path: Path, spec: DatasetSpec) -> np.ndarray:
@@ -164,11 +172,11 @@ def _read_poisoned_split(
 ) -> ImageSet:
     """The poisoned samples a ``bd_test``/``bd_train`` state describes, read from their PNG files."""
     where = f"{record_dir / RECORD_FILE} ({split})"
-    fix = "the record is damaged: copy it again or rebuild it"
+    fix = _DAMAGED
     try:
         stored = state["bd_data_container"]["data_dict"]
         entries = {_integer(k): v for k, v in stored.items()}
-        indicator = _integer_array(state["poison_indicator"])
+        raw_indicator = state["poison_indicator"]
         listed = _integer_array(state["original_index_array"])
     except (KeyError, TypeError, ValueError, AttributeError):
         raise RecordError(
@@ -177,8 +185,7 @@ def _read_poisoned_split(
         ) from None
     if None in entries:
         raise RecordError(f"{where}: data_dict keys must be integer sample indices; {fix}.")
-    if indicator is None or not np.isin(indicator, (0, 1)).all():
-        raise RecordError(f"{where}: poison_indicator must be an array of 0s and 1s; {fix}.")
+    indicator = _poison_indicator(raw_indicator, where)
     if listed is None:
         raise RecordError(f"{where}: original_index_array must be an array of integer sample indices; {fix}.")
     if len(indicator) != len(clean):
@@ -286,7 +293,7 @@ def load_record(record_dir: str | Path, data_root: str | Path | None = None, dow
         if wrong:
             raise RecordError(
                 f"the model in {record_file} holds non-tensor entries ({', '.join(wrong[:3])}) where a state dict "
-                "of tensors was expected; the record is damaged: copy it again or rebuild it."
+                f"of tensors was expected; {_DAMAGED}."
             )
     model = create_model(model_name, num_classes)
     load_model_state(model, weights, source=f"the model in {record_file}")
@@ -300,11 +307,7 @@ def load_record(record_dir: str | Path, data_root: str | Path | None = None, dow
     if bd_train is not None and not isinstance(bd_train, Mapping):
         raise RecordError(f"{record_file}: bd_train must be a dataset state or None; the record is damaged.")
     if bd_train is not None and "poison_indicator" in bd_train:
-        indicator = _integer_array(bd_train["poison_indicator"])
-        if indicator is None or not np.isin(indicator, (0, 1)).all():
-            raise RecordError(
-                f"{record_file} (train): poison_indicator must be an array of 0s and 1s; the record is damaged."
-            )
+        indicator = _poison_indicator(bd_train["poison_indicator"], f"{record_file} (train)")
         train_poison = np.flatnonzero(indicator == 1).astype(np.int64)
     return Record(
         path=record_dir,
