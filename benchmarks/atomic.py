@@ -17,7 +17,17 @@ from typing import Any
 
 from fire_defense import FireDefenseError
 
-__all__ = ["writable_folder", "write_atomically", "write_json_atomically"]
+__all__ = ["partial_path", "writable_folder", "write_atomically", "write_json_atomically"]
+
+
+def _unique() -> str:
+    """A name part no other writer shares: this process and a random suffix."""
+    return f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def partial_path(path: Path) -> Path:
+    """A hidden temporary name beside ``path``, unique to this writer, to write to before renaming onto ``path``."""
+    return path.with_name(f".{path.name}.{_unique()}.partial")
 
 
 def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
@@ -28,7 +38,7 @@ def write_atomically(path: str | Path, write: Callable[[Path], object]) -> Path:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+    partial = partial_path(path)
     try:
         write(partial)
         os.replace(partial, path)
@@ -53,7 +63,7 @@ def writable_folder(path: str | Path, what: str) -> Path:
         FireDefenseError: ``path`` (or a folder above it) is a file, or the folder cannot be made or written.
     """
     path = Path(path)
-    probe = path / f".write-test.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    probe = path / f".write-test.{_unique()}"
     try:
         path.mkdir(parents=True, exist_ok=True)
         probe.write_bytes(b"")

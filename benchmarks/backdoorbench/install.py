@@ -17,10 +17,10 @@ import hashlib
 import os
 import re
 import sys
-import uuid
 from importlib import resources
 from pathlib import Path
 
+from fire_bench.atomic import partial_path
 from fire_defense import FireDefenseError, __version__
 
 __all__ = ["CONFIG_NAMES", "add_commands", "install", "packaged_config", "uninstall"]
@@ -122,7 +122,7 @@ def _stage(root: Path, bodies: dict[str, str]) -> tuple[dict[Path, Path], list[P
             for folder in reversed(missing):
                 folder.mkdir()
                 made.append(folder)
-            partial = path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.partial")
+            partial = partial_path(path)
             staged[partial] = path
             partial.write_text(_HEADER.format(version=__version__, digest=_digest(body)) + body, encoding="utf-8")
     except OSError as error:
