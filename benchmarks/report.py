@@ -9,14 +9,13 @@ same dataset and backbone (latency per sample at each batch size and its ratio t
 model, peak memory, fitting time). The summary says whether the latency can be trusted: the
 undefended model timed against itself must read 1.00 +- :data:`LATENCY_TOLERANCE`.
 
-The Markdown/CSV writers and the k-curve plot here are the only ones; ``fire_bench.fire_report``
-uses them too.
+The Markdown/CSV writers here are the only ones (``fire_bench.fire_report`` uses them too); the HTML page is
+``fire_bench.page``, the plots ``fire_bench.plots``.
 """
 
 from __future__ import annotations
 
 import csv
-import html
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -33,10 +32,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "LATENCY_TOLERANCE",
+    "cell_text",
     "latency_check",
     "leaderboard",
     "markdown_table",
-    "plot_k_curve",
     "write_csv",
     "write_outputs",
 ]
@@ -104,7 +103,7 @@ def latency_check(timings: Sequence[dict[str, Any]], tolerance: float = LATENCY_
     )
 
 
-def _cell(value: Any, column: str) -> str:
+def cell_text(value: Any, column: str) -> str:
     if value is None or value == "":
         return ""
     if column.removesuffix("_std") in PERCENT:
@@ -132,130 +131,16 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> st
     """``rows`` as a Markdown table of ``columns``: accuracies, rates and DER in percent (marked ``(%)``)."""
     header = [c + (" (%)" if c.removesuffix("_std") in PERCENT else "") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_cell(row.get(c), c) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell_text(row.get(c), c) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
-
-
-_SORTER = """
-document.querySelectorAll('th').forEach((th, col) => th.addEventListener('click', () => {
-  const body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
-  const asc = th.dataset.order !== 'asc'; th.dataset.order = asc ? 'asc' : 'desc';
-  const key = r => { const t = r.cells[col].textContent; const n = parseFloat(t); return isNaN(n) ? t : n; };
-  rows.sort((a, b) => (key(a) > key(b) ? 1 : key(a) < key(b) ? -1 : 0) * (asc ? 1 : -1));
-  rows.forEach(r => body.appendChild(r));
-}));
-"""
-
-
-def _html(board: Sequence[dict[str, Any]], columns: Sequence[str], title: str, notes: Sequence[str]) -> str:
-    head = "".join(f"<th title='click to sort'>{html.escape(c)}</th>" for c in columns)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(c), c))}</td>" for c in columns) + "</tr>" for row in board
-    )
-    paragraphs = "".join(f"<p>{html.escape(n)}</p>" for n in notes)
-    return f"""<!doctype html>
-<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
-<style>
-body {{ font-family: system-ui, sans-serif; margin: 2em; color: #222; }}
-table {{ border-collapse: collapse; font-size: 14px; }}
-th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; }}
-th {{ background: #f0f0f0; cursor: pointer; position: sticky; top: 0; }}
-td:nth-child(-n+4), th:nth-child(-n+4) {{ text-align: left; }}
-tr:nth-child(even) {{ background: #fafafa; }}
-img {{ max-width: 48%; margin: 1em 1% 0 0; }}
-</style></head><body>
-<h1>{html.escape(title)}</h1>{paragraphs}
-<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>
-<p>Percentages; *_std: standard deviation over seeds; click a column to sort.</p>
-<img src="asr_vs_latency.png" alt="ASR against latency overhead">
-<img src="per_attack.png" alt="per-attack bars">
-<img src="k_curve.png" alt="poisoned accuracy against k">
-<script>{_SORTER}</script>
-</body></html>
-"""
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_k_curve(curve: Sequence[dict[str, Any]], path: Path) -> None:
-    """Poisoned accuracy against ``k`` from the k-curve's rows, one line per attack (mean over seeds, their spread
-    as error bars)."""
-    plt = _pyplot()
-    figure, axis = plt.subplots(figsize=(6, 4))
-    for attack in dict.fromkeys(r["attack_name"] for r in curve):
-        by_k: dict[int, list[float]] = defaultdict(list)
-        for r in curve:
-            if r["attack_name"] == attack:
-                by_k[r["k"]].append(100 * r["test_ra"])
-        ks = sorted(by_k)
-        spread = [np.std(by_k[k]) for k in ks] if any(len(v) > 1 for v in by_k.values()) else None
-        axis.errorbar(ks, [np.mean(by_k[k]) for k in ks], yerr=spread, marker="o", label=attack)
-    modes = ", ".join(dict.fromkeys(str(r["params"].get("mode", "")) for r in curve))
-    axis.set(
-        xscale="log",
-        xlabel="poisoned inputs seen (k)",
-        ylabel="poisoned accuracy (%)",
-        title=f"FIRE streaming ({modes}): accuracy on poisoned inputs vs k",
-    )
-    axis.grid(alpha=0.3)
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def _plots(board: Sequence[dict[str, Any]], out: Path) -> None:
-    plt = _pyplot()
-    defenses = list(dict.fromkeys(r["defense_name"] for r in board))
-    attacks = list(dict.fromkeys(r["attack_name"] for r in board))
-    colours = {d: plt.cm.tab20(i % 20) for i, d in enumerate(defenses)}
-
-    figure, axis = plt.subplots(figsize=(7, 4.5))
-    for defense in defenses:
-        rows = [r for r in board if r["defense_name"] == defense and r.get("latency_b1_ratio")]
-        if rows:
-            x = np.mean([r["latency_b1_ratio"] for r in rows])
-            y = 100 * np.mean([r["test_asr"] for r in rows])
-            axis.scatter(x, y, color=colours[defense], s=50)
-            axis.annotate(defense, (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    axis.set(
-        xscale="log",
-        xlabel="latency per sample, batch 1 (x undefended, log)",
-        ylabel="attack success rate (%), mean over attacks",
-        title="ASR against latency overhead",
-    )
-    axis.grid(alpha=0.3, which="both")
-    figure.tight_layout()
-    figure.savefig(out / "asr_vs_latency.png", dpi=120)
-    plt.close(figure)
-
-    figure, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    width = 0.8 / max(1, len(defenses))
-    for axis, metric, label in zip(axes, ("test_asr", "test_ra"), ("ASR (%)", "poisoned accuracy (%)"), strict=True):
-        for i, defense in enumerate(defenses):
-            values = [
-                100 * next((r[metric] for r in board if r["attack_name"] == a and r["defense_name"] == defense), 0)
-                for a in attacks
-            ]
-            axis.bar(np.arange(len(attacks)) + i * width, values, width, color=colours[defense], label=defense)
-        axis.set_xticks(np.arange(len(attacks)) + 0.4 - width / 2, attacks)
-        axis.set(ylabel=label, title=f"{label} per attack")
-    axes[1].legend(fontsize=7, ncol=2)
-    figure.tight_layout()
-    figure.savefig(out / "per_attack.png", dpi=120)
-    plt.close(figure)
 
 
 def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -> list[dict[str, Any]]:
     """Write the leaderboard (md, csv, html), the k-curve (md, csv, png), the plots, ``cells.json``,
     ``timings.json`` and ``summary.txt``; print the summary."""
+    from fire_bench.page import leaderboard_page
+    from fire_bench.plots import leaderboard_plots, plot_k_curve
+
     out.mkdir(parents=True, exist_ok=True)
     board = leaderboard(results.rows, results.timings)
     check = latency_check(results.timings)
@@ -266,7 +151,9 @@ def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -
         f"# Leaderboard: {grid.name}\n\n" + "\n\n".join(notes) + "\n\n" + markdown_table(board, columns)
     )
     write_csv(board, [*_columns(board), "split"], out / "leaderboard.csv")
-    (out / "leaderboard.html").write_text(_html(board, columns, f"fire-defense leaderboard: {grid.name}", notes))
+    (out / "leaderboard.html").write_text(
+        leaderboard_page(board, columns, f"fire-defense leaderboard: {grid.name}", notes)
+    )
     curve = [r for r in with_der(results.rows) if r["table"] == "k_curve"]
     if curve:
         write_csv(curve, K_CURVE_COLUMNS, out / "k_curve.csv")
@@ -274,7 +161,7 @@ def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -
         plot_k_curve(curve, out / "k_curve.png")
     (out / "cells.json").write_text(json.dumps(list(results.rows), indent=1))
     (out / "timings.json").write_text(json.dumps(list(results.timings), indent=1))
-    _plots(board, out)
+    leaderboard_plots(board, out)
     summary = _summary(board, grid, seconds) + check + "\n"
     (out / "summary.txt").write_text(summary)
     print(summary)
