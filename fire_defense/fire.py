@@ -42,7 +42,7 @@ from fire_defense.device import module_device
 from fire_defense.errors import FireDefenseError, NotFittedError, first_line, torch_load_reason
 from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers, tensor_output
 from fire_defense.repair import REPAIRS, LayerRepair, TargetCondition, build_repair, repair_hook
-from fire_defense.selection import SELECTIONS, choose_layer, gate_threshold
+from fire_defense.selection import SELECTIONS, WEIGHTS, choose_layer, gate_threshold
 from fire_defense.split import suffix_after
 from fire_defense.statistics import LayerStatistics
 
@@ -81,6 +81,9 @@ class FIRE:
             reference inputs the condition selects (``None``: no such test). With
             ``layers='auto'`` and ``select='holdout'`` the best of them is chosen with the
             layer (``gate_quantile_``); otherwise the first is used.
+        holdout_weight: With ``select='holdout'``, what a seen poisoned input the repair moves off the
+            target counts: ``'confidence'`` (the softmax probability of its repaired prediction; the
+            default) or ``'count'`` (1).
 
     Fitted state: ``layers_`` (the repaired layers), ``stats_`` (their
     :class:`~fire_defense.statistics.LayerStatistics`), ``repairs_`` (their repair modules, refreshed
@@ -110,6 +113,7 @@ class FIRE:
         condition: str | None = "target",
         target_share: float = 0.5,
         gate_quantiles: Sequence[float | None] = (None, 0.5, 0.9),
+        holdout_weight: str = "confidence",
     ) -> None:
         self.model = model
         self.layers = layers
@@ -125,6 +129,7 @@ class FIRE:
         self.condition = condition
         self.target_share = target_share
         self.gate_quantiles = gate_quantiles
+        self.holdout_weight = holdout_weight
         self._attached: list[HookHandles] = []  # handles given out by attach()
         self._suffixes: dict[tuple[str, ...], tuple[str, nn.Module] | None] = {}  # the model after its layers
         self._own_passes = 0  # > 0 while FIRE's own fitting passes run: the attached hooks stand aside
@@ -145,6 +150,8 @@ class FIRE:
             raise FireDefenseError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}.")
         if self.select not in SELECTIONS:
             raise FireDefenseError(f"unknown select {self.select!r}; use one of {', '.join(SELECTIONS)}.")
+        if self.holdout_weight not in WEIGHTS:
+            raise FireDefenseError(f"unknown holdout_weight {self.holdout_weight!r}; use one of {', '.join(WEIGHTS)}.")
         if self.condition not in CONDITIONS:
             raise FireDefenseError(f"unknown condition {self.condition!r}; use None or 'target'.")
         if not isinstance(self.target_share, (int, float)) or not 0 < self.target_share <= 1:
@@ -434,6 +441,7 @@ class FIRE:
                 quantiles=self.gate_quantiles,
                 clean_logits=clean_logits,
                 poisoned_logits=poisoned_logits,
+                weight=self.holdout_weight,
             )
             layers, layer_scores = [choice.layer], choice.scores
             quantile = choice.quantile if self.select == "holdout" else quantile

@@ -15,7 +15,10 @@ defender's own inputs only (the clean reference and the ``k`` poisoned inputs se
   prediction changed and is no inferred target; a held-out ``holdout`` share of the clean
   reference, whose clean mean is left out of the estimate, gives the share of clean predictions
   the repair changes. Only the inputs a ``condition`` selects are repaired. The score is moved
-  minus changed; ties go to fewer changed clean predictions, then to the earlier layer.
+  minus changed; ties go to fewer changed clean predictions, then to the earlier layer. With
+  ``weight="confidence"`` (FIRE v2's default) a moved input counts its repaired prediction's
+  softmax probability instead of 1: a repair that restores the input's class gives a confident
+  prediction, one that only scrambles the features (a late stage) an uncertain one.
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from fire_defense.metrics import predict
 from fire_defense.repair import LayerRepair, TargetCondition, repair_hook
 from fire_defense.statistics import LayerStatistics
 
-__all__ = ["SELECTIONS", "LayerChoice", "choose_layer"]
+__all__ = ["SELECTIONS", "WEIGHTS", "LayerChoice", "choose_layer"]
 
 SELECTIONS = ("repair", "separation", "holdout")
+WEIGHTS = ("count", "confidence")  # how the holdout rule counts a moved poisoned input
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,7 @@ def choose_layer(
     quantiles: Sequence[float | None] = (None,),
     clean_logits: torch.Tensor | None = None,
     poisoned_logits: torch.Tensor | None = None,
+    weight: str = "count",
 ) -> LayerChoice:
     """The candidate (a key of ``statistics``, with poisoned activations kept) that best repairs, by ``select``.
 
@@ -80,9 +85,13 @@ def choose_layer(
             (:func:`gate_threshold`; ``None``: no gate).
         clean_logits, poisoned_logits: The unrepaired model's outputs on ``clean`` and
             ``poisoned``, if known (saves passes).
+        weight: ``holdout``: what a moved poisoned input counts, ``'count'`` (1) or ``'confidence'``
+            (the softmax probability of its repaired prediction).
     """
     if select not in SELECTIONS:
         raise FireDefenseError(f"unknown select {select!r}; use one of {', '.join(SELECTIONS)}.")
+    if weight not in WEIGHTS:
+        raise FireDefenseError(f"unknown holdout weight {weight!r}; use one of {', '.join(WEIGHTS)}.")
     candidates: Sequence[str] = list(statistics)
     separation = {layer: statistics[layer].separation() for layer in candidates}
     if select == "separation":
@@ -95,7 +104,9 @@ def choose_layer(
                 for known, inputs in ((clean_logits, clean), (poisoned_logits, poisoned))
             ]
         quantiles = quantiles if condition is not None else (None,)
-        return _holdout_choice(model, statistics, clean, poisoned, *logits, build, condition, holdout, quantiles)
+        return _holdout_choice(
+            model, statistics, clean, poisoned, *logits, build, condition, holdout, quantiles, weight == "confidence"
+        )
     probe = clean[:probe_clean]
     clean_before = predict(model, probe, batch_size)
     poisoned_before = predict(model, poisoned, batch_size)
@@ -146,6 +157,7 @@ def _holdout_choice(
     condition: TargetCondition | None,
     holdout: float,
     quantiles: Sequence[float | None],
+    by_confidence: bool,
 ) -> LayerChoice:
     """The ``holdout`` rule (module docstring): only inputs that get repaired run through the model again."""
     n_fit = len(clean) - max(1, round(holdout * len(clean)))
@@ -166,21 +178,23 @@ def _holdout_choice(
     for position, layer in enumerate(statistics):
         stats = statistics[layer]
         clean_acts = stats.clean_activations().view(-1, *stats.shape)
-        moved = {q: int((~poisoned_selected).sum()) for q in quantiles}  # inputs left alone are no target already
+        moved = {q: float((~poisoned_selected).sum()) for q in quantiles}  # inputs left alone are no target already
         poisoned_acts = stats.poisoned_activations().view(-1, *stats.shape)
         fit_stats = stats.holdout(n_fit)
         rows = poisoned_selected.nonzero().flatten().tolist()
         # one pass for all of them, each row repaired by the repair estimated without it (k = 1: with it)
         repairs = [build(layer, fit_stats.leave_out(i) if len(poisoned) > 1 else fit_stats) for i in rows]
         if rows:
-            with HookHandles(model, [(layer, _row_by_row(layer, repairs))]):
-                after = predict(model, poisoned[torch.as_tensor(rows, device=poisoned.device)])
+            with HookHandles(model, [(layer, _row_by_row(layer, repairs))]), torch.inference_mode():
+                probabilities = model(poisoned[torch.as_tensor(rows, device=poisoned.device)]).softmax(1).cpu()
+            confidence, after = probabilities.max(1)
         for row, (i, repair) in enumerate(zip(rows, repairs, strict=True)):
             repaired_away = after[row] != int(poisoned_before[i]) and (targets is None or not bool(targets[after[row]]))
+            worth = float(confidence[row]) if by_confidence else 1.0
             score = float(repair.score(poisoned_acts[i : i + 1])[0])
             thresholds = _thresholds(repair, clean_acts[:n_fit], selected[:n_fit], quantiles)
             for q in quantiles:
-                moved[q] += bool(repaired_away) and score > thresholds[q]
+                moved[q] += worth if bool(repaired_away) and score > thresholds[q] else 0.0
         repair = build(layer, fit_stats)
         candidates = held[selected[n_fit:]]
         after_clean = before[candidates]

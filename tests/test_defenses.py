@@ -226,8 +226,9 @@ def test_evaluate_gives_the_clean_references_true_labels_only_to_a_defense_that_
 def test_the_fire_defenses_declared_choices_are_the_cores():
     from typing import get_args
 
-    from fire_bench.defenses.fire import Mode, Selection
+    from fire_bench.defenses.fire import Mode, Selection, Weight
     from fire_defense import MODES
-    from fire_defense.selection import SELECTIONS
+    from fire_defense.selection import SELECTIONS, WEIGHTS
 
     assert set(get_args(Mode)) == set(MODES) and set(get_args(Selection)) == set(SELECTIONS)
+    assert set(get_args(Weight)) == set(WEIGHTS)

@@ -512,6 +512,23 @@ def test_streaming_updates_the_targets_and_the_statistics(synthetic):
         assert (fire(trigger(test)).argmax(1) == labels).all()
 
 
+def test_the_confidence_weight_counts_each_moved_input_by_its_repaired_probability(backdoored):
+    model, reference, seen, *_ = backdoored
+    fits = {
+        weight: FIRE(model, condition="target", gate_quantiles=(None,), holdout_weight=weight).fit(
+            reference, poisoned=seen
+        )
+        for weight in ("count", "confidence")
+    }  # one gate quantile, so each layer's score is of the same repaired inputs under both weights
+    counted, weighted = fits["count"].layer_scores_, fits["confidence"].layer_scores_
+    for layer in counted:  # each moved input counts a probability (at most 1) instead of 1
+        assert 0 < weighted[layer]["moved"] <= counted[layer]["moved"] + 1e-9, layer
+        assert weighted[layer]["holdout"] == pytest.approx(weighted[layer]["moved"] - weighted[layer]["disturbed"])
+    assert any(weighted[layer]["moved"] < counted[layer]["moved"] - 1e-6 for layer in counted)
+    with pytest.raises(FireDefenseError, match="holdout_weight"):
+        FIRE(model, holdout_weight="votes").fit(reference, poisoned=seen)
+
+
 def test_holdout_statistics_leave_out_what_they_score():
     from fire_defense.statistics import LayerStatistics
 

@@ -18,12 +18,13 @@ import torch
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
 from fire_defense import FIRE, FireDefenseError
 
-__all__ = ["Condition", "FireDefense", "Mode", "Selection", "repaired_decision"]
+__all__ = ["Condition", "FireDefense", "Mode", "Selection", "Weight", "repaired_decision"]
 
 Mode = Literal["match", "shift", "project", "gate"]  # FIRE's repair modes (fire_defense.MODES; a test checks)
 Estimate = Literal["unpaired", "paired"]
 Condition = Literal["target", "none"]
 Selection = Literal["holdout", "repair", "separation"]  # fire_defense.selection.SELECTIONS (a test checks)
+Weight = Literal["confidence", "count"]  # fire_defense.selection.WEIGHTS (a test checks)
 ESTIMATES, CONDITIONS = get_args(Estimate), get_args(Condition)
 
 
@@ -41,6 +42,7 @@ class FireDefense(RuntimeDefense):
             FIRE's ``condition=None``, spelt as a string so a grid or command line can set it).
         select: How ``layers='auto'`` chooses: ``'holdout'``, ``'repair'`` or ``'separation'``.
         gate_quantiles: FIRE's ``gate_quantiles`` (``None`` entries: no gate).
+        holdout_weight: FIRE's ``holdout_weight``: ``'confidence'`` or ``'count'``.
     """
 
     name = "fire"
@@ -58,6 +60,7 @@ class FireDefense(RuntimeDefense):
         condition: Condition = "target",
         select: Selection = "holdout",
         gate_quantiles: Sequence[float | None] = (None, 0.5, 0.9),
+        holdout_weight: Weight = "confidence",
         **common: int,
     ) -> None:
         super().__init__(**common)
@@ -69,6 +72,7 @@ class FireDefense(RuntimeDefense):
         self.condition = condition
         self.select = select
         self.gate_quantiles = gate_quantiles
+        self.holdout_weight = holdout_weight
 
     @property
     def needs(self) -> frozenset[str]:  # type: ignore[override]
@@ -85,6 +89,7 @@ class FireDefense(RuntimeDefense):
         condition = None if self.condition == "none" else self.condition
         options = {"mode": self.mode, "alpha": self.alpha, "fpr": self.fpr, "condition": condition}
         options |= {"select": self.select, "gate_quantiles": tuple(self.gate_quantiles), **settings}
+        options["holdout_weight"] = self.holdout_weight
         return FIRE(self.model_, layers=layers, batch_size=self.batch_size, **options)
 
     def _fit(self, clean: torch.Tensor, poisoned: torch.Tensor | None, trigger: Trigger | None) -> None:

@@ -17,7 +17,15 @@ from __future__ import annotations
 import torch
 
 from fire_bench.defenses.base import Trigger, register_defense
-from fire_bench.defenses.fire import Condition, FireDefense, Mode, Selection, fitted_setting, second_pass_share
+from fire_bench.defenses.fire import (
+    Condition,
+    FireDefense,
+    Mode,
+    Selection,
+    Weight,
+    fitted_setting,
+    second_pass_share,
+)
 from fire_defense import FIRE, FireDefenseError
 from fire_defense.layers import candidate_layers
 
@@ -55,10 +63,18 @@ class FireStream(FireDefense):
         condition: Condition = "target",
         select: Selection = "holdout",
         gate_quantiles: tuple[float | None, ...] = (None, 0.5, 0.9),
+        holdout_weight: Weight = "confidence",
         **common: int,
     ) -> None:
         super().__init__(
-            mode=mode, alpha=alpha, fpr=fpr, condition=condition, select=select, gate_quantiles=gate_quantiles, **common
+            mode=mode,
+            alpha=alpha,
+            fpr=fpr,
+            condition=condition,
+            select=select,
+            gate_quantiles=gate_quantiles,
+            holdout_weight=holdout_weight,
+            **common,
         )
         self.reservoir = reservoir
 
