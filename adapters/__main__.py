@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from fire_adapters.attacks import list_attacks
 from fire_adapters.datasets import DATASETS, DatasetNotFoundError, find_dataset
@@ -50,21 +52,51 @@ def _record_info(args: argparse.Namespace) -> None:
         print(f"other keys     {', '.join(sorted(map(str, record.metadata)))}")
 
 
+def _attack_params(args: argparse.Namespace) -> dict[str, Any]:
+    """``--attack-params`` (a JSON object) with ``--all-to-all`` on top."""
+    params: Any = {}
+    if args.attack_params is not None:
+        try:
+            params = json.loads(args.attack_params)
+        except json.JSONDecodeError as error:
+            raise FireDefenseError(
+                f"--attack-params is not valid JSON ({error.msg} at character {error.pos}); "
+                "pass an object, e.g. '{\"ratio\": 0.05}'."
+            ) from None
+        if not isinstance(params, dict):
+            raise FireDefenseError(
+                f"--attack-params must be a JSON object of attack parameters, got {params!r}; "
+                "e.g. '{\"ratio\": 0.05}'."
+            )
+    if args.all_to_all:
+        if params.get("all_to_all", True) is not True:
+            raise FireDefenseError("--all-to-all contradicts --attack-params' all_to_all; pass only one of them.")
+        params["all_to_all"] = True
+    return params
+
+
 def _make_records(args: argparse.Namespace) -> None:
     schedule = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    attacks = args.attacks.split(",")
+    if args.label is not None and len(attacks) > 1:
+        raise FireDefenseError(
+            f"--label names one attack's records, but --attacks lists {len(attacks)}; make them one at a time."
+        )
+    params = _attack_params(args)
     recipes = [
-        RecordRecipe(dataset=dataset, attack=attack, model=args.model, seed=seed, train=schedule)
+        RecordRecipe(dataset, attack, args.model, seed, attack_params=dict(params), train=schedule, label=args.label)
         for dataset in args.dataset.split(",")
-        for attack in args.attacks.split(",")
+        for attack in attacks
         for seed in args.seeds
     ]
     made = make_records(recipes, args.out, args.data, args.device, args.overwrite)
-    print(f"{'record':48s} {'clean acc':>9s} {'ASR':>7s} {'RA':>7s} {'train s':>8s}")
+    width = max(48, *(len(recipe.name) for recipe in recipes))
+    print(f"{'record':{width}s} {'clean acc':>9s} {'ASR':>7s} {'RA':>7s} {'train s':>8s}")
     for record in made:
         m = record.metrics
         note = " (cached)" if record.cached else ""
         print(
-            f"{record.recipe.name:48s} {100 * m['test_acc']:8.2f}% {100 * m['test_asr']:6.2f}% "
+            f"{record.recipe.name:{width}s} {100 * m['test_acc']:8.2f}% {100 * m['test_asr']:6.2f}% "
             f"{100 * m['test_ra']:6.2f}% {record.train_seconds:8.0f}{note}"
         )
     print(f"records in {args.out}")
@@ -96,6 +128,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--attacks", default="badnet,blended,sig,wanet", help=f"comma-separated; from {', '.join(list_attacks())}"
     )
     defaults = RecordRecipe("", "")
+    make.add_argument(
+        "--attack-params", metavar="JSON", help="attack parameters beyond the defaults, e.g. '{\"ratio\": 0.05}'"
+    )
+    make.add_argument(
+        "--all-to-all", action="store_true", help="label y goes to (y + 1) %% classes (records: <attack>-all2all)"
+    )
+    make.add_argument("--label", help="the attack's name in the record folder and leaderboard (one attack only)")
     make.add_argument("--model", default=defaults.model, help="zoo model name")
     make.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default 0)")
     make.add_argument("--epochs", type=int, default=defaults.train.epochs)

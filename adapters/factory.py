@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import functools
 import io
+import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -44,6 +45,7 @@ __all__ = [
 ]
 
 METRICS = ("test_acc", "test_asr", "test_ra")
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class RecordRecipe:
         seed: Seeds the attack (poisoned samples, random trigger parts), the model's initialisation and training.
         attack_params: Keyword arguments for the attack beyond its defaults.
         train: The training schedule.
+        label: The attack's name in the record's folder name and metadata (the leaderboard's
+            ``attack_name``): letters, digits, ``.`` and ``-``. ``None``: the attack's name, with
+            ``-all2all`` appended when ``attack_params`` sets ``all_to_all`` (BackdoorBench's
+            ``all2all``), so an all-to-all record never takes the all-to-one record's name.
     """
 
     dataset: str
@@ -65,25 +71,54 @@ class RecordRecipe:
     seed: int = 0
     attack_params: Mapping[str, Any] = field(default_factory=dict)
     train: TrainConfig = field(default_factory=TrainConfig)
+    label: str | None = None
+
+    @property
+    def attack_label(self) -> str:
+        """The attack as the record names it: :attr:`label`, or the attack's name (``-all2all`` if all-to-all)."""
+        if self.label is not None:
+            return self.label
+        return f"{self.attack}-all2all" if self.attack_params.get("all_to_all") else self.attack
 
     @property
     def name(self) -> str:
         """The record's folder name."""
-        return f"{self.dataset}_{self.model}_{self.attack}_seed{self.seed}"
+        return f"{self.dataset}_{self.model}_{self.attack_label}_seed{self.seed}"
 
     def __post_init__(self) -> None:
         if not is_integer(self.seed) or self.seed < 0:
             raise FireDefenseError(f"a recipe's seed must be an integer >= 0, got {self.seed!r}.")
         if not isinstance(self.train, TrainConfig):
             raise FireDefenseError(f"a recipe's train must be a TrainConfig, got {type(self.train).__name__}.")
+        if not isinstance(self.attack_params, Mapping) or not all(isinstance(k, str) for k in self.attack_params):
+            raise FireDefenseError(
+                f"a recipe's attack_params must map parameter names to values, got {self.attack_params!r}."
+            )
         clash = {"dataset", "seed"} & set(self.attack_params)
         if clash:
             raise FireDefenseError(
                 f"attack_params may not set {', '.join(sorted(clash))}: the recipe sets them itself."
             )
+        if self.label is not None and not (isinstance(self.label, str) and _LABEL.fullmatch(self.label)):
+            raise FireDefenseError(
+                f"a recipe's label names its record folder: use letters, digits, '.' and '-' "
+                f"(starting with a letter or digit), got {self.label!r}."
+            )
+
+    def create_attack(self) -> Attack:
+        """The recipe's attack (no data is read): its parameters are checked here, before any training.
+
+        Raises:
+            FireDefenseError: an unknown attack or dataset, or a parameter the attack does not take.
+        """
+        return create_attack(self.attack, self.dataset, seed=self.seed, **self.attack_params)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "attack_params": dict(self.attack_params), "train": self.train.as_dict()}
+        """The recipe as stored in its record (``label`` only when set, so unlabelled records keep their recipe)."""
+        stored = {**asdict(self), "attack_params": dict(self.attack_params), "train": self.train.as_dict()}
+        if self.label is None:
+            del stored["label"]
+        return stored
 
 
 @dataclass(frozen=True)
@@ -125,7 +160,10 @@ def load_attack(record: Record) -> Attack:
     if "attack_params" not in meta:
         raise FireDefenseError(f"{record.path} holds no attack parameters; only records made by make-records do.")
     params = dict(meta["attack_params"])
-    attack = create_attack(meta["attack"], params.pop("dataset"), **params)
+    # "attack" is the record's label (e.g. badnet-all2all); the recipe, where there is one, names the registered attack.
+    recipe = meta.get("recipe")
+    name = recipe.get("attack", meta["attack"]) if isinstance(recipe, Mapping) else meta["attack"]
+    attack = create_attack(name, params.pop("dataset"), **params)
     return attack.load_state_dict(meta.get("attack_state", {}))
 
 
@@ -190,7 +228,7 @@ def make_record(
     spec = get_dataset_spec(recipe.dataset)
     train = load_dataset(spec, "train", root=data_root)
     test = load_dataset(spec, "test", root=data_root)
-    attack = create_attack(recipe.attack, spec, seed=recipe.seed, **recipe.attack_params)
+    attack = recipe.create_attack()
     positions = attack.train_positions(train.labels)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
@@ -213,7 +251,7 @@ def make_record(
         poisoned_train=attack.poison(train, positions) if attack.static_trigger else None,
         train_size=len(train),
         metadata={
-            "attack": attack.name,
+            "attack": recipe.attack_label,
             "attack_params": attack.params(),
             "attack_state": attack.state_dict(),
             "recipe": recipe.as_dict(),
@@ -246,6 +284,14 @@ def make_records(
             as each finishes, e.g. ``fire_bench``'s executors (several at once). Default: one after
             another in this process.
     """
+    for recipe in recipes:  # a bad attack parameter fails now, not after the other records trained
+        recipe.create_attack()
+    by_name: dict[str, RecordRecipe] = {}
+    for recipe in recipes:
+        if by_name.setdefault(recipe.name, recipe) != recipe:
+            raise FireDefenseError(
+                f"two different recipes would make the record {recipe.name}; give one of them a label (--label)."
+            )
     out_dir = prepare_out_dir(out_dir)
     found = {} if overwrite else {r.name: m for r in recipes if (m := find_made_record(r, out_dir)) is not None}
     todo = [recipe for recipe in recipes if recipe.name not in found]

@@ -5,8 +5,10 @@ Every number the benchmark reports comes from :func:`evaluate`: the grid's cells
 the BackdoorBench plugin (:mod:`fire_bench.backdoorbench.defense`). It fits the defense on the
 defender's data only (the clean reference; its true labels, ``k`` poisoned inputs or the trigger
 if the defense declares that need), and scores the evaluation part of the split (capped by the protocol's seeded
-subsamples; ``None`` caps score all of it) with :func:`fire_defense.metrics.backdoor_metrics`.
-:func:`with_der` adds BackdoorBench's DER against the undefended row of the same split.
+subsamples; ``None`` caps score all of it) with :func:`fire_defense.metrics.backdoor_outcomes`, whose
+per-sample vectors the row also carries, packed (``outcomes``, :func:`fire_bench.intervals.pack_outcomes`).
+:func:`with_der` adds BackdoorBench's DER against the undefended row of the same split, and each
+rate's 95% interval (:func:`fire_bench.intervals.cell_intervals`).
 """
 
 from __future__ import annotations
@@ -22,9 +24,10 @@ from torch import nn
 from fire_adapters import ImageSet, Record, to_tensor
 from fire_bench.defenses import RuntimeDefense, Trigger, create_defense
 from fire_bench.grid import DefenseSpec, Protocol
+from fire_bench.intervals import cell_intervals, pack_outcomes
 from fire_bench.protocol import Split, describe, split_record
 from fire_defense import resolve_device
-from fire_defense.metrics import REJECTED, auroc, backdoor_metrics, defense_effectiveness_rating
+from fire_defense.metrics import OUTCOME_OF, auroc, backdoor_outcomes, defense_effectiveness_rating
 
 __all__ = ["METRICS", "Defender", "Evaluation", "defender", "evaluate", "protocol_split", "with_der"]
 
@@ -113,7 +116,8 @@ def evaluate(
 
     Returns:
         The row (``test_acc``, ``test_asr``, ``test_ra``; ``tpr``, ``fpr`` for a detector; ``auroc`` where
-        the defense scores; what it is and where it acts) and the fitted defense.
+        the defense scores; what it is and where it acts; ``outcomes``, the per-sample outcomes the intervals
+        resample) and the fitted defense.
     """
     device = resolve_device(device)
     scored = replace(
@@ -126,6 +130,8 @@ def evaluate(
     clean, poisoned = scored.clean_eval, scored.poisoned_eval
     on_clean, on_poisoned = fitted.decide(to_tensor(clean.images)), fitted.decide(to_tensor(poisoned.images))
     predicted_clean, predicted_poisoned = on_clean.labels.numpy(), on_poisoned.labels.numpy()
+    outcomes = backdoor_outcomes(predicted_clean, clean.labels, predicted_poisoned, poisoned.labels, poisoned.targets)
+    rates = {metric: float(np.mean(outcomes[OUTCOME_OF[metric]])) for metric in OUTCOME_OF}
     layers = getattr(fitted, "layers_", None)
     setting = getattr(fitted, "setting_", "")  # what a defense chose on defender data, in words
     row: dict[str, Any] = {
@@ -139,7 +145,7 @@ def evaluate(
         "defense": defense.name,
         "params": defense.params,
         "k": protocol.k,
-        **backdoor_metrics(predicted_clean, clean.labels, predicted_poisoned, poisoned.labels, poisoned.targets),
+        **{metric: rates[metric] for metric in METRICS},
         "rejects": fitted.rejects,
         "forward_passes": fitted.forward_passes,
         "layers": ",".join(layers) if layers else "",
@@ -147,16 +153,17 @@ def evaluate(
         "split": describe(scored),
     }
     if fitted.rejects:
-        row["tpr"] = float(np.mean(predicted_poisoned == REJECTED))
-        row["fpr"] = float(np.mean(predicted_clean == REJECTED))
+        row["tpr"], row["fpr"] = rates["tpr"], rates["fpr"]
     if on_clean.scores is not None and on_poisoned.scores is not None:
         row["auroc"] = auroc(on_clean.scores.numpy(), on_poisoned.scores.numpy())
+    row["outcomes"] = pack_outcomes(outcomes, clean.indices, poisoned.indices)
     return Evaluation(row, fitted)
 
 
 def with_der(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Each row with ``der``: BackdoorBench's DER against the undefended (``none``) row of the same record and
-    evaluation part; ``None`` where there is no such row."""
+    evaluation part, ``None`` where there is no such row; and each rate's 95% interval within the cell
+    (``<metric>_ci_low`` / ``_ci_high``, :func:`fire_bench.intervals.cell_intervals`; DER's paired with that row)."""
     undefended = {(r["record"], r["split"]): r for r in rows if r["defense"] == "none"}
     out = []
     for row in rows:
@@ -164,5 +171,5 @@ def with_der(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
         der = None
         if base is not None:
             der = defense_effectiveness_rating(base["test_asr"], row["test_asr"], base["test_acc"], row["test_acc"])
-        out.append({**row, "der": der})
+        out.append({**row, "der": der, **cell_intervals(row, base)})
     return out

@@ -6,7 +6,8 @@ leaderboard; by default the protocol's whole evaluation part is scored, as the B
 does) and adds, in the same folder (default ``results/fire/``):
 
 - ``mitigation.{md,csv}``: per record and seed, the undefended model and each FIRE mode from ``k``
-  unpaired poisoned inputs: the layer chosen, the metrics, DER;
+  unpaired poisoned inputs: the layer chosen, the metrics, DER, each with its 95% interval
+  over the evaluation samples (``± half-width`` in the Markdown, ``*_ci_low`` / ``*_ci_high`` in the CSV);
 - ``choice.{md,csv}``: per record and seed, the setting FIRE v2 chose from defender data (``fire``)
   beside the best of the grid's fixed settings (``fire@...``) in hindsight, by poisoned accuracy
   minus the clean-accuracy drop (``pa - drop``), so the gap the choice leaves is visible;
@@ -37,13 +38,16 @@ __all__ = [
     "mitigation_table",
 ]
 
-MITIGATION_COLUMNS = ("attack_name", "record", "seed", "defense_name", "k", "setting", *METRICS, "der")
+MITIGATION_COLUMNS = (
+    "attack_name", "record", "seed", "defense_name", "k", "setting", *METRICS, "der",
+    *(f"{m}_ci_{s}" for m in (*METRICS, "der") for s in ("low", "high")),
+)  # fmt: skip
 CHOICE_COLUMNS = ("attack_name", "record", "seed", "chosen", "chosen_pa_minus_drop", "best", "best_pa_minus_drop")
 ESTIMATION_COLUMNS = ("record", "defense_name", "fit_inputs", "fit_forward_s", "fit_s", "fit_ratio")
 
 
 def mitigation_table(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The grid's leaderboard cells (the undefended model and FIRE's modes), each with its DER."""
+    """The grid's leaderboard cells (the undefended model and FIRE's modes), each with its DER and intervals."""
     return [row for row in with_der(rows) if row["table"] == "leaderboard"]
 
 

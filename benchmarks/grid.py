@@ -17,7 +17,7 @@ import types
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -25,8 +25,12 @@ from fire_bench.defenses import DEFENSES
 from fire_defense import FireDefenseError
 from fire_defense.registry import keyword_parameters
 
+if TYPE_CHECKING:
+    from fire_adapters.factory import RecordRecipe
+
 __all__ = [
     "GRIDS_DIR",
+    "AttackSpec",
     "DefenseSpec",
     "Grid",
     "KCurve",
@@ -167,27 +171,111 @@ def check_defense(spec: DefenseSpec) -> None:
 
 
 @dataclass(frozen=True)
+class AttackSpec:
+    """An entry of ``make.attacks`` given as a mapping: the registered attack, its parameters beyond the
+    defaults, and the label its records carry (``fire_adapters.factory.RecordRecipe.label``; ``None``: the
+    attack's name, ``<name>-all2all`` with ``all_to_all: true``)."""
+
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    label: str | None = None
+
+    def __post_init__(self) -> None:
+        from fire_adapters.attacks import ATTACKS
+
+        if not isinstance(self.name, str):
+            raise FireDefenseError(f"name must be an attack name, got {self.name!r}.")
+        if self.name not in ATTACKS:
+            raise FireDefenseError(ATTACKS.unknown_message(self.name))
+        if not isinstance(self.params, dict) or not all(isinstance(k, str) for k in self.params):
+            raise FireDefenseError(f"params must be a mapping of parameter names to values, got {self.params!r}.")
+        if self.label is not None and not isinstance(self.label, str):
+            raise FireDefenseError(f"label must be a string, got {self.label!r}.")
+
+
+def _attacks(owner: MakeRecords) -> None:
+    """``owner.attacks``: a non-empty list of attack names or :class:`AttackSpec` mappings (stored as a tuple,
+    mappings as ``AttackSpec``)."""
+    from fire_adapters.attacks import ATTACKS
+
+    value = owner.attacks
+    if not isinstance(value, list | tuple) or not value:
+        raise FireDefenseError(f"attacks must be a non-empty list of attack names or mappings, got {value!r}.")
+    entries: list[str | AttackSpec] = []
+    for i, entry in enumerate(value):
+        if isinstance(entry, str):
+            if entry not in ATTACKS:
+                raise FireDefenseError(f"attacks: {ATTACKS.unknown_message(entry)}")
+            entries.append(entry)
+        elif isinstance(entry, AttackSpec):
+            entries.append(entry)
+        elif isinstance(entry, dict):
+            entries.append(_build(AttackSpec, entry, f"attacks[{i}]"))
+        else:
+            raise FireDefenseError(
+                f"attacks[{i}] must be an attack name or a mapping {{name, params, label}}, got {entry!r}."
+            )
+    object.__setattr__(owner, "attacks", tuple(entries))
+
+
+@dataclass(frozen=True)
 class MakeRecords:
-    """Records to build (and cache) with the record factory: every dataset x attack x seed."""
+    """Records to build (and cache) with the record factory: every dataset x attack x seed.
+
+    An entry of ``attacks`` is a registered attack's name, or a mapping ``{name, params, label}``
+    (:class:`AttackSpec`), e.g. ``{name: badnet, params: {all_to_all: true}}``, whose records are
+    named ``badnet-all2all``. Every entry's parameters are checked against its attack when the grid
+    is loaded, and two entries may not make records of the same name.
+    """
 
     datasets: tuple[str, ...] = ("fashionmnist",)
-    attacks: tuple[str, ...] = ("badnet", "blended", "sig", "wanet")
+    attacks: tuple[str | AttackSpec, ...] = ("badnet", "blended", "sig", "wanet")
     model: str = "preactresnet18_w8"
     seeds: tuple[int, ...] = (0,)
     epochs: int = 4
 
     def __post_init__(self) -> None:
         from fire_adapters import DATASETS, MODELS
-        from fire_adapters.attacks import ATTACKS
         from fire_adapters.models.zoo import TIMM_PREFIX
 
         _names(self, "datasets", DATASETS, "dataset")
-        _names(self, "attacks", ATTACKS, "attack")
+        _attacks(self)
         if not isinstance(self.model, str) or not (self.model in MODELS or self.model.startswith(TIMM_PREFIX)):
             known = MODELS.unknown_message(str(self.model))
             raise FireDefenseError(f"model: {known} Any timm model works as '{TIMM_PREFIX}<name>'.")
         _integers(self, "seeds", 0)
         _integer("epochs", self.epochs, 1)
+        made: dict[str, int] = {}
+        for i, entry in enumerate(self.attacks):
+            for dataset in self.datasets:
+                try:
+                    recipe = self._recipe(dataset, entry, self.seeds[0])
+                    recipe.create_attack()  # the attack takes these parameters on this dataset
+                except FireDefenseError as error:
+                    raise FireDefenseError(f"attacks[{i}]: {error}") from None
+            if made.setdefault(recipe.attack_label, i) != i:
+                raise FireDefenseError(
+                    f"attacks[{made[recipe.attack_label]}] and attacks[{i}] both make {recipe.attack_label} records; "
+                    "give one of them another label."
+                )
+
+    def _recipe(self, dataset: str, entry: str | AttackSpec, seed: int) -> RecordRecipe:
+        from fire_adapters.factory import RecordRecipe
+        from fire_adapters.training import TrainConfig
+
+        spec = entry if isinstance(entry, AttackSpec) else AttackSpec(entry)
+        return RecordRecipe(
+            dataset, spec.name, self.model, seed, dict(spec.params), TrainConfig(epochs=self.epochs), spec.label
+        )
+
+    def recipes(self) -> list[RecordRecipe]:
+        """The recipe of every record to make: dataset x attack x seed."""
+        return [
+            self._recipe(dataset, entry, seed)
+            for dataset in self.datasets
+            for entry in self.attacks
+            for seed in self.seeds
+        ]
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,11 @@
 """The benchmark's outputs: the leaderboard (Markdown, CSV, a sortable HTML page), the k-curve, plots, a summary.
 
-Rows aggregate a record's cells over the protocol seeds (mean, and the standard deviation in
-``*_std`` columns). BackdoorBench's columns come first (``dataset, backbone, attack_name,
-defense_name, ratio, test_acc, test_asr, test_ra``), then ours: DER against the undefended model
-on the same record and seed, detection figures (TPR, FPR, AUROC) where a defense rejects or
+Rows aggregate a record's cells over the protocol seeds: the mean, the standard deviation in
+``*_std`` columns, and a 95% interval in ``<metric>_ci_low`` / ``<metric>_ci_high`` for the rates
+and DER (:mod:`fire_bench.intervals`: a cell's Wilson or bootstrap interval, or the t-interval across several cells;
+the Markdown shows ``value ± half-width``). BackdoorBench's columns come first (``dataset,
+backbone, attack_name, defense_name, ratio, test_acc, test_asr, test_ra``), then ours: DER
+against the undefended model on the same record and seed, detection figures (TPR, FPR, AUROC) where a defense rejects or
 scores, forward passes per sample, then the latency phase's measurements of that defense on the
 same dataset and backbone (latency per sample at each batch size and its ratio to the undefended
 model, peak memory, fitting time). The summary says whether the latency can be trusted: the
@@ -26,6 +28,7 @@ import numpy as np
 
 from fire_bench.evaluation import METRICS, with_der
 from fire_bench.grid import Grid
+from fire_bench.intervals import INTERVAL_METRICS, across_cells, half_width, mean_over_rows
 
 if TYPE_CHECKING:
     from fire_bench.runner import GridResults
@@ -43,7 +46,11 @@ __all__ = [
 KEYS = ("dataset", "backbone", "attack_name", "defense_name", "ratio")
 PERCENT = (*METRICS, "der", "tpr", "fpr", "auroc")
 COSTS = ("peak_mem_mb", "fit_s")  # besides the latency_* columns, what the latency phase adds to a row
-K_CURVE_COLUMNS = ("attack_name", "record", "seed", "k", "layers", *METRICS, "der")
+CI_SUFFIXES = ("_ci_low", "_ci_high")
+K_CURVE_COLUMNS = (
+    "attack_name", "record", "seed", "k", "layers", *METRICS, "der",
+    *(f"{m}{s}" for m in (*METRICS, "der") for s in CI_SUFFIXES),
+)  # fmt: skip
 LATENCY_TOLERANCE = 0.05
 
 
@@ -58,8 +65,9 @@ def _timed(timings: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], dict
 
 
 def leaderboard(rows: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """One row per record and defense of the leaderboard's cells: means over seeds, ``*_std`` spreads, in the
-    grid's order, with the latency phase's measurements of the same dataset, backbone and defense."""
+    """One row per record and defense of the leaderboard's cells: means over seeds, ``*_std`` spreads, 95%
+    intervals (:func:`fire_bench.intervals.across_cells`), in the grid's order, with the latency phase's
+    measurements of the same dataset, backbone and defense."""
     timed = _timed(timings)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in with_der(rows):
@@ -70,10 +78,16 @@ def leaderboard(rows: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]
     for (_, *keys), members in groups.items():
         entry: dict[str, Any] = dict(zip(KEYS, keys, strict=True))
         for column in numeric:
-            values = [r[column] for r in members if r.get(column) is not None]
+            scored = [r for r in members if r.get(column) is not None]
+            values = [r[column] for r in scored]
             entry[column] = float(np.mean(values)) if values else None
             if column in ("test_acc", "test_asr", "test_ra", "der") and len(values) > 1:
                 entry[f"{column}_std"] = float(np.std(values))
+            if column in INTERVAL_METRICS and values:
+                lows, highs = ([r.get(f"{column}{s}") for r in scored] for s in CI_SUFFIXES)
+                _, low, high = across_cells(values, lows, highs)
+                if low is not None:
+                    entry[f"{column}_ci_low"], entry[f"{column}_ci_high"] = low, high
         entry.update(timed.get((entry["dataset"], entry["backbone"], entry["defense_name"]), {}))
         entry["seeds"] = len(members)
         entry["split"] = members[0]["split"]
@@ -103,20 +117,27 @@ def latency_check(timings: Sequence[dict[str, Any]], tolerance: float = LATENCY_
     )
 
 
-def cell_text(value: Any, column: str) -> str:
+def cell_text(value: Any, column: str, row: dict[str, Any] | None = None) -> str:
+    """``value`` of ``column`` as shown in a table: rates in percent, with ``± half-width`` of the 95% interval when
+    ``row`` has its bounds (the larger side of the interval, so the shown range covers it)."""
     if value is None or value == "":
         return ""
     if column.removesuffix("_std") in PERCENT:
-        return f"{100 * value:.2f}"
+        low, high = (row.get(f"{column}{s}") for s in CI_SUFFIXES) if row else (None, None)
+        if low is None or high is None:
+            return f"{100 * value:.2f}"
+        return f"{100 * value:.2f} ± {100 * half_width(value, low, high):.2f}"
     if isinstance(value, float):
         return f"{value:.3g}" if "latency" in column or column in COSTS or column.endswith("_s") else f"{value:.2f}"
     return str(value)
 
 
 def _columns(board: Sequence[dict[str, Any]]) -> list[str]:
-    """BackdoorBench's columns, then ours, spreads last; ``split`` (long) is left to the CSV."""
+    """BackdoorBench's columns, then ours, spreads, then interval bounds last; ``split`` (long) is left to the CSV."""
     columns = list(dict.fromkeys(k for row in board for k in row if k != "split"))
-    return [c for c in columns if not c.endswith("_std")] + [c for c in columns if c.endswith("_std")]
+    bounds = [f"{m}{s}" for m in INTERVAL_METRICS for s in CI_SUFFIXES if f"{m}{s}" in columns]
+    rest = [c for c in columns if c not in bounds]
+    return [c for c in rest if not c.endswith("_std")] + [c for c in rest if c.endswith("_std")] + bounds
 
 
 def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path) -> None:
@@ -128,10 +149,13 @@ def write_csv(rows: Sequence[dict[str, Any]], columns: Sequence[str], path: Path
 
 
 def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
-    """``rows`` as a Markdown table of ``columns``: accuracies, rates and DER in percent (marked ``(%)``)."""
+    """``rows`` as a Markdown table of ``columns``: accuracies, rates and DER in percent (marked ``(%)``), each with
+    ``± half-width`` of its 95% interval where the row has one (:func:`cell_text`); interval bounds among
+    ``columns`` are not columns of their own there."""
+    columns = [c for c in columns if not c.endswith(CI_SUFFIXES)]
     header = [c + (" (%)" if c.removesuffix("_std") in PERCENT else "") for c in columns]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(cell_text(row.get(c), c) for c in columns) + " |" for row in rows]
+    lines += ["| " + " | ".join(cell_text(row.get(c), c, row) for c in columns) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -144,24 +168,30 @@ def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -
     out.mkdir(parents=True, exist_ok=True)
     board = leaderboard(results.rows, results.timings)
     check = latency_check(results.timings)
-    columns = [c for c in _columns(board) if not c.endswith("_std") or c == "test_ra_std"]
+    columns = [c for c in _columns(board) if not c.endswith(("_std", *CI_SUFFIXES)) or c == "test_ra_std"]
     split = board[0]["split"] if board else ""
     notes = [f"Grid {grid.name!r}; protocol: {split}.", check, f"Wall time {seconds / 60:.1f} min."]
     (out / "leaderboard.md").write_text(
         f"# Leaderboard: {grid.name}\n\n" + "\n\n".join(notes) + "\n\n" + markdown_table(board, columns)
     )
     write_csv(board, [*_columns(board), "split"], out / "leaderboard.csv")
-    (out / "leaderboard.html").write_text(
-        leaderboard_page(board, columns, f"fire-defense leaderboard: {grid.name}", notes)
-    )
+    plots = leaderboard_plots(board, out)
     curve = [r for r in with_der(results.rows) if r["table"] == "k_curve"]
     if curve:
         write_csv(curve, K_CURVE_COLUMNS, out / "k_curve.csv")
         (out / "k_curve.md").write_text(markdown_table(curve, K_CURVE_COLUMNS))
-        plot_k_curve(curve, out / "k_curve.png")
+        plots.append(plot_k_curve(curve, out / "k_curve.png"))
     (out / "cells.json").write_text(json.dumps(list(results.rows), indent=1))
     (out / "timings.json").write_text(json.dumps(list(results.timings), indent=1))
-    leaderboard_plots(board, out)
+    # the page: every column (intervals folded into their metric), the protocol in its own sentence, the PNGs inline
+    page = leaderboard_page(
+        board,
+        _columns(board),
+        f"fire-defense leaderboard: {grid.name}",
+        notes[1:],
+        {p.name: p.read_bytes() for p in plots},
+    )
+    (out / "leaderboard.html").write_text(page)
     summary = _summary(board, grid, seconds) + check + "\n"
     (out / "summary.txt").write_text(summary)
     print(summary)
@@ -169,18 +199,34 @@ def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -
 
 
 def _summary(board: Sequence[dict[str, Any]], grid: Grid, seconds: float) -> str:
-    lines = [f"{grid.name}: {len(board)} rows in {seconds / 60:.1f} min. Mean over attacks (and seeds):"]
+    """Each defense's mean over the board's rows (attacks, each already a mean over seeds); a rate's ``±`` is
+    :func:`fire_bench.intervals.mean_over_rows` of the rows' 95% intervals (the attacks are a fixed set, their
+    errors independent)."""
+    lines = [
+        f"{grid.name}: {len(board)} rows in {seconds / 60:.1f} min. Mean over attacks (and seeds), "
+        "± half-width of a 95% interval:"
+    ]
+    defenses = list(dict.fromkeys(r["defense_name"] for r in board))
+    width = max([len("defense"), *map(len, defenses)])
     lines.append(
-        f"{'defense':14s} {'clean acc':>9s} {'ASR':>7s} {'PA':>7s} {'DER':>6s} {'passes':>6s} {'x latency b1':>12s}"
+        f"{'defense':{width}s} {'clean acc':>15s} {'ASR':>15s} {'PA':>15s} {'DER':>15s} {'passes':>6s} "
+        f"{'x latency b1':>12s}"
     )
-    for defense in dict.fromkeys(r["defense_name"] for r in board):
+    for defense in defenses:
         rows = [r for r in board if r["defense_name"] == defense]
-        m = {
-            column: float(np.mean([r[column] for r in rows if r.get(column) is not None] or [np.nan]))
-            for column in ("test_acc", "test_asr", "test_ra", "der", "forward_passes", "latency_b1_ratio")
-        }
-        lines.append(
-            f"{defense:14s} {100 * m['test_acc']:8.2f}% {100 * m['test_asr']:6.2f}% {100 * m['test_ra']:6.2f}% "
-            f"{100 * m['der']:5.1f}% {m['forward_passes']:6.0f} {m['latency_b1_ratio']:11.2f}x"
-        )
+        shown = []
+        for column in ("test_acc", "test_asr", "test_ra", "der"):
+            scored = [r for r in rows if r.get(column) is not None]
+            if not scored:
+                shown.append(f"{'-':>15s}")
+                continue
+            lows, highs = ([r.get(f"{column}{s}") for r in scored] for s in CI_SUFFIXES)
+            mean, half = mean_over_rows([r[column] for r in scored], lows, highs)
+            text = f"{100 * mean:.2f}%" if half is None else f"{100 * mean:.2f} ± {100 * half:.2f}%"
+            shown.append(f"{text:>15s}")
+        passes = [r["forward_passes"] for r in rows if r.get("forward_passes") is not None]
+        latency = [r["latency_b1_ratio"] for r in rows if r.get("latency_b1_ratio") is not None]
+        passes_text = f"{np.mean(passes):6.2f}" if passes else f"{'-':>6s}"
+        latency_text = f"{np.mean(latency):11.2f}x" if latency else f"{'not timed':>12s}"
+        lines.append(f"{defense:{width}s} {' '.join(shown)} {passes_text} {latency_text}")
     return "\n".join(lines) + "\n"

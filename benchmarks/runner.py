@@ -76,16 +76,10 @@ def find_records(folder: str | Path) -> list[Path]:
 def _made_records(grid: Grid, folder: Path, data_root: str | None, device: str, executor: Executor) -> list[Path]:
     """The grid's records in ``folder``: those made before from the same recipe are found, the others trained by
     ``executor``."""
-    from fire_adapters.factory import RecordRecipe, make_records
-    from fire_adapters.training import TrainConfig
+    from fire_adapters.factory import make_records
 
     assert grid.make is not None
-    recipes = [
-        RecordRecipe(dataset, attack, grid.make.model, seed, train=TrainConfig(epochs=grid.make.epochs))
-        for dataset in grid.make.datasets
-        for attack in grid.make.attacks
-        for seed in grid.make.seeds
-    ]
+    recipes = grid.make.recipes()
     try:
         return [made.path for made in make_records(recipes, folder, data_root, device, executor=executor)]
     except KeyboardInterrupt:

@@ -746,7 +746,9 @@ class RepairedModel(nn.Module):
     ``state_dict()`` holds their buffers beside the model's weights. Hooks are attached for each
     forward call only. With a ``condition``, the model first runs unrepaired, and only the inputs
     the condition selects run again, repaired: from the first repaired layer's stored output
-    through ``resume`` where one is given, else through the whole model.
+    through ``resume`` where one is given, else through the whole model. Where the condition
+    selects every class (no single target was inferred, as under an all-to-all attack) and at most
+    one layer is gated, one hooked pass gives the same logits, and only it runs.
 
     Args:
         model: The classifier.
@@ -770,11 +772,25 @@ class RepairedModel(nn.Module):
         self.condition = condition
         self.resume = resume
 
+    def _one_pass(self, pairs: list[tuple[str, LayerRepair]]) -> list[torch.Tensor | None] | None:
+        """Where one hooked pass gives the same logits as two, each layer's gate threshold for it (``None``: no
+        gate), else ``None``: with no condition, or a condition that selects every class (no single target was
+        inferred: every input is repaired) and at most one gated layer, which then decides in the same pass."""
+        if self.condition is None:
+            return [None] * len(pairs)
+        if not bool(self.condition.mask.all()):
+            return None
+        thresholds = [None if bool(torch.isneginf(r.select_threshold)) else r.select_threshold for _, r in pairs]
+        return thresholds if len(pairs) == 1 or all(t is None for t in thresholds) else None
+
     def forward(self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Repaired logits; ``scores``, if given, gets each layer's projection score of the first pass."""
         pairs = list(zip(self.layers, self.repairs, strict=True))
-        if self.condition is None:
-            with HookHandles(self.model, [(layer, repair_hook(layer, repair, scores)) for layer, repair in pairs]):
+        thresholds = self._one_pass(pairs)
+        if thresholds is not None:
+            gated = zip(pairs, thresholds, strict=True)
+            hooks = [(layer, repair_hook(layer, r, scores, above=threshold)) for (layer, r), threshold in gated]
+            with HookHandles(self.model, hooks):
                 return self.model(x)
         first: dict[str, torch.Tensor] = {} if scores is None else scores
         hooks = [(layer, repair_hook(layer, r, first, apply=False)) for layer, r in pairs]

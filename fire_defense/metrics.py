@@ -15,10 +15,27 @@ import torch
 
 from fire_defense.errors import FireDefenseError
 
-__all__ = ["REJECTED", "auroc", "backdoor_metrics", "defense_effectiveness_rating", "predict"]
+__all__ = [
+    "OUTCOME_OF",
+    "REJECTED",
+    "auroc",
+    "backdoor_metrics",
+    "backdoor_outcomes",
+    "defense_effectiveness_rating",
+    "predict",
+]
 
 REJECTED = -1
 """The label a detecting defense returns for an input it refuses to classify."""
+
+OUTCOME_OF = {
+    "test_acc": "clean_correct",
+    "test_asr": "poisoned_target",
+    "test_ra": "poisoned_label",
+    "tpr": "poisoned_rejected",
+    "fpr": "clean_rejected",
+}
+"""Each reported rate and the :func:`backdoor_outcomes` vector it is the mean of."""
 
 
 @torch.inference_mode()
@@ -48,16 +65,18 @@ def predict(
     return torch.cat(labels).numpy().astype(np.int64) if labels else np.empty(0, dtype=np.int64)
 
 
-def backdoor_metrics(
+def backdoor_outcomes(
     clean_predictions: np.ndarray,
     clean_labels: np.ndarray,
     poisoned_predictions: np.ndarray,
     poisoned_labels: np.ndarray,
     poisoned_targets: np.ndarray,
-) -> dict[str, float]:
-    """``test_acc``, ``test_asr`` and ``test_ra`` as fractions in [0, 1].
+) -> dict[str, np.ndarray]:
+    """Per-sample boolean outcomes, whose means are :func:`backdoor_metrics` and a detector's TPR / FPR.
 
-    A rejected prediction (:data:`REJECTED`) counts as wrong for accuracy and as no attack success.
+    Returns:
+        ``clean_correct`` and ``clean_rejected`` (one per clean sample), ``poisoned_target``,
+        ``poisoned_label`` and ``poisoned_rejected`` (one per poisoned sample).
 
     Raises:
         FireDefenseError: empty sets, or arrays of different lengths.
@@ -70,16 +89,49 @@ def backdoor_metrics(
             )
     if len(poisoned_targets) != len(poisoned_labels):
         raise FireDefenseError("poisoned targets and labels must have the same length.")
+    clean, poisoned = np.asarray(clean_predictions), np.asarray(poisoned_predictions)
     return {
-        "test_acc": float(np.mean(np.asarray(clean_predictions) == np.asarray(clean_labels))),
-        "test_asr": float(np.mean(np.asarray(poisoned_predictions) == np.asarray(poisoned_targets))),
-        "test_ra": float(np.mean(np.asarray(poisoned_predictions) == np.asarray(poisoned_labels))),
+        "clean_correct": clean == np.asarray(clean_labels),
+        "clean_rejected": clean == REJECTED,
+        "poisoned_target": poisoned == np.asarray(poisoned_targets),
+        "poisoned_label": poisoned == np.asarray(poisoned_labels),
+        "poisoned_rejected": poisoned == REJECTED,
     }
 
 
-def defense_effectiveness_rating(asr_before: float, asr_after: float, acc_before: float, acc_after: float) -> float:
-    """BackdoorBench's DER = (max(0, ASR drop) - max(0, accuracy drop) + 1) / 2, in [0, 1]."""
-    return (max(0.0, asr_before - asr_after) - max(0.0, acc_before - acc_after) + 1.0) / 2.0
+def backdoor_metrics(
+    clean_predictions: np.ndarray,
+    clean_labels: np.ndarray,
+    poisoned_predictions: np.ndarray,
+    poisoned_labels: np.ndarray,
+    poisoned_targets: np.ndarray,
+) -> dict[str, float]:
+    """``test_acc``, ``test_asr`` and ``test_ra`` as fractions in [0, 1]: the means of :func:`backdoor_outcomes`.
+
+    A rejected prediction (:data:`REJECTED`) counts as wrong for accuracy and as no attack success.
+
+    Raises:
+        FireDefenseError: empty sets, or arrays of different lengths.
+    """
+    outcomes = backdoor_outcomes(
+        clean_predictions, clean_labels, poisoned_predictions, poisoned_labels, poisoned_targets
+    )
+    return {metric: float(np.mean(outcomes[OUTCOME_OF[metric]])) for metric in ("test_acc", "test_asr", "test_ra")}
+
+
+def defense_effectiveness_rating(
+    asr_before: float | np.ndarray,
+    asr_after: float | np.ndarray,
+    acc_before: float | np.ndarray,
+    acc_after: float | np.ndarray,
+) -> float | np.ndarray:
+    """BackdoorBench's DER = (max(0, ASR drop) - max(0, accuracy drop) + 1) / 2, in [0, 1].
+
+    Floats give a float; arrays (e.g. bootstrap replicates) give the element-wise array.
+    """
+    asr_drop, acc_drop = np.subtract(asr_before, asr_after), np.subtract(acc_before, acc_after)
+    der = (np.maximum(0.0, asr_drop) - np.maximum(0.0, acc_drop) + 1.0) / 2.0
+    return float(der) if np.ndim(der) == 0 else der
 
 
 def auroc(negative_scores: np.ndarray, positive_scores: np.ndarray) -> float:

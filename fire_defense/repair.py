@@ -235,6 +235,7 @@ def repair_hook(
     scores: dict[str, torch.Tensor] | None = None,
     active: Callable[[], bool] | None = None,
     apply: bool = True,
+    above: torch.Tensor | None = None,
 ) -> HookFn:
     """A forward hook at ``layer`` that returns ``repair(output)``.
 
@@ -242,14 +243,21 @@ def repair_hook(
         scores: If given, ``scores[layer]`` is set to the projection score of each pass.
         active: If given, the hook does nothing while ``active()`` is false.
         apply: If false, the hook only scores (the output is left as it is).
+        above: If given, only the rows whose projection score exceeds it are repaired.
     """
 
     def hook(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
         if active is not None and not active():
             return None
         output = tensor_output(layer, output)
+        score = repair.score(output) if scores is not None or above is not None else None
         if scores is not None:
-            scores[layer] = repair.score(output)
-        return repair(output) if apply else None
+            scores[layer] = score
+        if not apply:
+            return None
+        if above is None:
+            return repair(output)
+        keep = (score <= above.to(score)).view(-1, *[1] * (output.dim() - 1))
+        return torch.where(keep, output, repair(output))
 
     return hook

@@ -196,4 +196,13 @@ def test_bad_attack_arguments():
         create_attack("blended", "cifar10", ratio=0)
     with pytest.raises(FireDefenseError, match="attack 'badnet' takes no alpha; its parameters: patch_size"):
         create_attack("badnet", "cifar10", alpha=0.2)
-    assert sorted(ATTACKS.names()) == ["badnet", "blended", "bpp", "inputaware", "sig", "wanet"]
+    assert sorted(ATTACKS.names()) == [
+        "adap-blend",
+        "adap-patch",
+        "badnet",
+        "blended",
+        "bpp",
+        "inputaware",
+        "sig",
+        "wanet",
+    ]

@@ -71,7 +71,7 @@ def test_shipped_grids_load_and_name_real_defenses():
 
 
 def test_grid_errors_name_the_problem(tmp_path, records):
-    with pytest.raises(FireDefenseError, match="shipped grids: default, fire, fire-check, quick"):
+    with pytest.raises(FireDefenseError, match="shipped grids: adaptive, all-to-all, default, fire, fire-check, quick"):
         load_grid("nonexistent")
     bad = write_grid(tmp_path / "a.yaml", records, [{"name": "none"}], protocl={"k": 1})
     with pytest.raises(FireDefenseError, match=r"unknown key.*protocl"):
@@ -272,6 +272,9 @@ def test_a_grid_end_to_end_and_a_rerun_recomputes_nothing(records, tmp_path):
         "test_ra",
     ]
     assert {"der", "forward_passes", "latency_b1_ratio", "latency_b8_ratio", "peak_mem_mb", "split"} <= set(header)
+    bounds = {f"{m}_ci_{s}" for m in ("test_acc", "test_asr", "test_ra", "der", "tpr", "fpr") for s in ("low", "high")}
+    assert bounds <= set(header) and "outcomes" not in header  # the intervals' bounds, not the per-sample outcomes
+    assert " ± " in (out / "leaderboard.md").read_text() and "_ci_" not in (out / "leaderboard.md").read_text()
     page = (out / "leaderboard.html").read_text()
     assert "<table>" in page and "addEventListener('click'" in page and "strip" in page
     for plot in ("asr_vs_latency.png", "per_attack.png", "k_curve.png"):

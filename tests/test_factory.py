@@ -11,7 +11,7 @@ import torch
 from fire_adapters import factory as factory_module
 from fire_adapters import load_record
 from fire_adapters.__main__ import main
-from fire_adapters.factory import RecordRecipe, load_attack, make_record, summary_csv
+from fire_adapters.factory import RecordRecipe, load_attack, make_record, make_records, summary_csv
 from fire_adapters.training import TrainConfig, augment
 from fire_defense import FireDefenseError
 
@@ -137,3 +137,47 @@ def test_cli_makes_records_and_reports_them(data, tmp_path, capsys):
     assert shown.count("(cached)") == 0 and capsys.readouterr().out.count("(cached)") == 2
     assert main([*argv[:2], "nonsense", *argv[3:]]) == 2
     assert "unknown attack 'nonsense'" in capsys.readouterr().err
+
+
+def test_cli_makes_an_all_to_all_record_under_its_own_name(data, tmp_path, capsys):
+    argv = ["make-records", "--attacks", "badnet", "--epochs", "1", "--batch-size", "32", "--data", str(data)]
+    assert main([*argv, "--all-to-all", "--out", str(tmp_path / "out")]) == 0
+    assert "fashionmnist_preactresnet18_w8_badnet-all2all_seed0" in capsys.readouterr().out
+    record = load_record(tmp_path / "out" / "fashionmnist_preactresnet18_w8_badnet-all2all_seed0", data_root=data)
+    assert record.metadata["attack"] == "badnet-all2all" and record.metadata["recipe"]["attack"] == "badnet"
+    np.testing.assert_array_equal(record.poisoned_test.targets, (record.poisoned_test.labels + 1) % 10)
+    # The same through --attack-params, and any other parameters under a label of the user's.
+    assert main([*argv, "--attack-params", '{"all_to_all": true}', "--out", str(tmp_path / "out")]) == 0
+    assert "(cached)" in capsys.readouterr().out
+    labelled = [*argv, "--attack-params", '{"ratio": 0.5}', "--label", "badnet-r50", "--out", str(tmp_path / "l")]
+    assert main(labelled) == 0
+    record = load_record(tmp_path / "l" / "fashionmnist_preactresnet18_w8_badnet-r50_seed0", data_root=data)
+    assert record.metadata["attack"] == "badnet-r50" and len(record.train_poison_indices) == 128
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--attack-params", "{ratio: 0.5}"], "--attack-params is not valid JSON"),
+        (["--attack-params", "[1]"], "--attack-params must be a JSON object"),
+        (["--attack-params", '{"all_to_all": false}', "--all-to-all"], "--all-to-all contradicts"),
+        (["--attack-params", '{"patch": 3}'], "attack 'badnet' takes no patch"),
+        (["--attacks", "badnet,sig", "--all-to-all"], "sig is a clean-label attack"),
+        (["--attacks", "badnet,blended", "--label", "mine"], "--label names one attack's records"),
+        (["--label", "my/label"], "label names its record folder"),
+    ],
+)
+def test_cli_refuses_attack_parameters_before_training(data, tmp_path, capsys, monkeypatch, extra, message):
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before refusing")
+
+    monkeypatch.setattr(factory_module, "train_backdoored_model", no_training)
+    argv = ["make-records", "--attacks", "badnet", "--epochs", "1", "--out", str(tmp_path / "out"), "--data", str(data)]
+    assert main([*argv, *extra]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_two_different_recipes_may_not_make_one_record(tmp_path):
+    same_name = [recipe(), RecordRecipe("fashionmnist", "badnet", attack_params={"ratio": 0.2}, train=TINY)]
+    with pytest.raises(FireDefenseError, match="two different recipes would make the record"):
+        make_records(same_name, tmp_path)

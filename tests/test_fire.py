@@ -499,6 +499,23 @@ def test_no_single_target_means_every_input_is_repaired(synthetic):
         torch.testing.assert_close(conditional(test), everyone(test))
 
 
+def test_with_every_class_a_target_one_pass_repairs_the_gated_inputs(synthetic):
+    model, clean, test, _ = synthetic
+    spread = clean[:40] + 0.01
+    fire = FIRE(model, layers="encoder", mode="shift", gate_quantiles=(0.5,)).fit(clean, poisoned=spread)
+    everyone = FIRE(model, layers="encoder", mode="shift", condition=None).fit(clean, poisoned=spread)
+    assert fire.condition_.targets == [0, 1, 2, 3] and fire.gate_quantile_ == 0.5
+    threshold = fire.repairs_["encoder"].select_threshold
+    with torch.inference_mode():
+        above = fire.scores(test)["encoder"] > threshold
+        assert 0 < int(above.sum()) < len(test)  # the gate splits the batch
+        expected = torch.where(above[:, None], everyone(test), model(test))
+        counter = ForwardCounter(model)
+        torch.testing.assert_close(fire(test), expected)
+    assert counter.passes == [len(test)]  # one pass, no second one
+    counter.remove()
+
+
 def test_streaming_updates_the_targets_and_the_statistics(synthetic):
     model, clean, test, labels = synthetic
     fire = FIRE(model, layers="encoder", mode="match", condition="target").partial_fit(clean=clean)

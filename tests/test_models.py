@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
+import timm
 import torch
 import torchvision
 from torch import nn
@@ -52,6 +55,7 @@ HEADS = {
     "resnet18": ("fc.weight", (512,)),
     "resnet50": ("fc.weight", (2048,)),
     "vgg19_bn": ("classifier.6.weight", (4096,)),
+    "vgg19_bn_w8": ("classifier.6.weight", (512,)),  # ours: 4096 / 8 hidden units on 64 pooled features
     "densenet121": ("classifier.weight", (1024,)),
     "mobilenet_v3_large": ("classifier.3.weight", (1280,)),
     "efficientnet_b0": ("classifier.1.weight", (1280,)),
@@ -60,6 +64,7 @@ HEADS = {
     "convnext_tiny": ("classifier.2.weight", (768,)),
     "vit_b_16": ("1.heads.head.weight", (768,)),
     "vit_l_32": ("1.heads.head.weight", (1024,)),
+    "vit_p4_d6": ("head.weight", (64,)),  # ours: embedding 64
 }
 
 
@@ -67,7 +72,12 @@ HEADS = {
 def test_every_zoo_model_builds_with_backdoorbench_keys(name):
     with torch.device("meta"):  # shapes only: no memory, no time
         state = create_model(name, num_classes=7).state_dict()
-        if name.startswith("vit_"):
+        if name == "vgg19_bn_w8":  # ours: vgg19_bn's layers and key names, narrower, with a smaller head
+            expected = list(torchvision.models.vgg19_bn(weights=None, num_classes=7).state_dict())
+        elif name == "vit_p4_d6":  # ours: timm's ViT layout (a ViT-Tiny's keys, six blocks deep)
+            reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=7).state_dict()
+            expected = [k for k in reference if not re.match(r"blocks\.([6-9]|1\d)\.", k)]
+        elif name.startswith("vit_"):
             reference = getattr(torchvision.models, name)(weights=None)
             reference.heads.head = nn.Linear(reference.heads.head.in_features, 7)  # BackdoorBench's replacement
             expected = [f"1.{k}" for k in reference.state_dict()]  # Sequential(Resize(224), vit)
@@ -88,7 +98,7 @@ def test_no_weights_are_downloaded(monkeypatch):
     monkeypatch.setattr(torch.hub, "load_state_dict_from_url", refuse)
     monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", refuse)
     with torch.device("meta"):
-        for name in ("vit_b_16", "convnext_tiny", "vgg19_bn", "preactresnet18", "timm:resnet18"):
+        for name in ("vit_b_16", "convnext_tiny", "vgg19_bn", "preactresnet18", "timm:resnet18", "vit_p4_d6"):
             create_model(name, num_classes=10)
 
 

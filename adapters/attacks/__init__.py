@@ -4,6 +4,8 @@ Each follows its paper and BackdoorBench's defaults (see each module's docstring
 and what differs). Importing this package registers them all.
 """
 
+from fire_adapters.attacks.adap_blend import AdapBlend
+from fire_adapters.attacks.adap_patch import AdapPatch
 from fire_adapters.attacks.badnet import BadNet
 from fire_adapters.attacks.base import ATTACKS, Attack, create_attack, list_attacks, register_attack
 from fire_adapters.attacks.blended import Blended
@@ -15,6 +17,8 @@ from fire_adapters.attacks.wanet import WaNet
 __all__ = [
     "ATTACKS",
     "SIG",
+    "AdapBlend",
+    "AdapPatch",
     "Attack",
     "BadNet",
     "Blended",

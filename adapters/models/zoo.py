@@ -1,5 +1,8 @@
 """The model zoo: BackdoorBench's model names, plus any timm model as ``timm:<name>``.
 
+Networks of our own for CPU budgets carry names BackdoorBench does not use: ``preactresnet18_w{8,16,32}``,
+``vgg19_bn_w8`` (:mod:`fire_adapters.models.vgg`) and ``vit_p4_d6`` (:mod:`fire_adapters.models.vit`).
+
 ``create_model(name, num_classes)`` builds the network BackdoorBench's
 ``generate_cls_model`` builds for that name, with the same ``state_dict`` keys and
 shapes, but never downloads weights (a record's state dict overwrites them anyway).
@@ -22,6 +25,8 @@ import torchvision
 from torch import nn
 
 from fire_adapters.models.preact_resnet import PreActResNet
+from fire_adapters.models.vgg import VGG
+from fire_adapters.models.vit import small_vit
 from fire_defense import FireDefenseError, Registry, UnknownNameError, drop_none
 
 __all__ = ["MODELS", "TIMM_PREFIX", "create_model", "list_models", "load_model_state"]
@@ -69,6 +74,12 @@ def preactresnet18(num_classes: int, **kwargs: Any) -> nn.Module:
 NARROW_PREACT_WIDTHS = (8, 16, 32)
 for _width in NARROW_PREACT_WIDTHS:
     MODELS.add(f"preactresnet18_w{_width}", partial(PreActResNet, (2, 2, 2, 2), width=_width))
+
+# Two more families for CPU budgets, ours as well: a VGG-19-BN at 1/8 width with a head for 28-32 px
+# images (models/vgg.py says how it differs from BackdoorBench's vgg19_bn), and a small timm ViT
+# (patch 4, embedding 64, depth 6, 4 heads) that takes 28 and 32 px images alike (models/vit.py).
+MODELS.add("vgg19_bn_w8", partial(VGG, width_divisor=8))
+MODELS.add("vit_p4_d6", small_vit)
 
 
 def _torchvision(name: str, num_classes: int, **kwargs: Any) -> nn.Module:

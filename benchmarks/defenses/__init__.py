@@ -4,9 +4,18 @@ Each module registers one defense (or a family sharing one class); importing thi
 registers them all. ``create_defense("strip")``, ``list_defenses()``.
 """
 
-from fire_bench.defenses import clipping, correction, februus, fire, shrinkpad, transforms, undefended  # noqa: F401
+from fire_bench.defenses import (  # noqa: F401
+    clipping,
+    correction,
+    feature_reset,
+    februus,
+    fire,
+    shrinkpad,
+    transforms,
+    undefended,
+)
 
-from fire_bench.defenses import ibd_psc, scaleup, strip, teco  # noqa: F401  # isort: skip  (the detectors)
+from fire_bench.defenses import ibd_psc, scaleup, sentinet, strip, teco  # noqa: F401  # isort: skip  (the detectors)
 from fire_bench.defenses import fire_stream  # noqa: F401  # isort: skip  (FIRE's streaming estimate, the k-curve)
 from fire_bench.defenses.base import (
     DEFENSES,
