@@ -18,12 +18,11 @@ from __future__ import annotations
 import cv2
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fire_adapters.preprocess import to_tensor, to_uint8
 from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, register_defense
+from fire_bench.defenses.gradcam import grad_cam
 from fire_defense import FireDefenseError
-from fire_defense.layers import HookHandles
 
 __all__ = ["Februus"]
 
@@ -60,24 +59,7 @@ class Februus(RuntimeDefense):
 
     def heatmap(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Grad-CAM of the predicted class, ``(N, H, W)`` in [0, 1] at the input's size, and the predictions."""
-        kept: list[torch.Tensor] = []
-
-        def keep(module, inputs, output: torch.Tensor) -> None:
-            if output.ndim != 4:
-                raise FireDefenseError(f"februus: layer {self.layer_!r} is not a convolutional map (N, C, H, W).")
-            output.retain_grad()
-            kept.append(output)
-
-        with torch.inference_mode(False), torch.enable_grad(), HookHandles(self.model_, [(self.layer_, keep)]):
-            inputs = x.detach().clone().requires_grad_(True)  # a tensor autograd may record (not an inference one)
-            logits = self.model_(inputs)  # one pass over the whole batch: the hook keeps one map
-            predicted = logits.argmax(1)
-            logits.gather(1, predicted[:, None]).sum().backward()
-            maps, grads = kept[0], kept[0].grad
-            cam = F.relu((grads.mean((2, 3), keepdim=True) * maps).sum(1, keepdim=True)).detach()
-        cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-        peak = cam.flatten(1).amax(1).clamp_min(1e-12)
-        return cam / peak[:, None, None], predicted.detach()
+        return grad_cam(self.model_, self.layer_, x, self.name)
 
     def purify(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` with its high-heat region removed and inpainted."""

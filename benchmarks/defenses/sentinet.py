@@ -42,7 +42,7 @@ in [0, 255] as the inert pattern. Ours keeps those defaults and differs in these
   (by true label), and inspects other test images. Ours draws ``n_samples`` from the defender's
   clean reference at random (seeded, without replacement, no labels needed); the boundary and the
   threshold are fitted on the rest of the reference, so no image is pasted onto itself.
-- Grad-CAM: ours is Februus's (:meth:`fire_bench.defenses.februus.Februus.heatmap`), the same
+- Grad-CAM: ours is Februus's (:func:`fire_bench.defenses.gradcam.grad_cam`), the same
   computation (gradient-weighted channel sum, ReLU, bilinear resize) rescaled by
   ``(heat - min) / (max - min)`` per image, ``pytorch_grad_cam``'s min-max scaling; the mask is
   ``heat >= mask_threshold`` as theirs. Its layer is ``layer`` (default: the last stage output,
@@ -63,7 +63,7 @@ import numpy as np
 import torch
 
 from fire_bench.defenses.base import Decision, RuntimeDefense, Threshold, Trigger, calibrate_threshold, register_defense
-from fire_bench.defenses.februus import Februus
+from fire_bench.defenses.gradcam import grad_cam
 from fire_defense import FireDefenseError
 from fire_defense.checks import is_finite_number, is_integer
 
@@ -175,7 +175,7 @@ class SentiNet(RuntimeDefense):
 
     def masks(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each input's region, ``(N, 1, H, W)`` of 0 / 1, from Grad-CAM of its predicted class; the predictions."""
-        heat, predicted = Februus.heatmap(self, x)  # type: ignore[arg-type]  # needs model_ and layer_ only
+        heat, predicted = grad_cam(self.model_, self.layer_, x, self.name)
         low = heat.flatten(1).amin(1)[:, None, None]
         heat = (heat - low) / (1 - low).clamp_min(1e-7)  # pytorch_grad_cam's min-max scaling (the peak is 1)
         return (heat >= self.mask_threshold).to(x.dtype)[:, None], predicted
