@@ -128,7 +128,8 @@ def cell_text(value: Any, column: str, row: dict[str, Any] | None = None) -> str
             return f"{100 * value:.2f}"
         return f"{100 * value:.2f} ± {100 * half_width(value, low, high):.2f}"
     if isinstance(value, float):
-        return f"{value:.3g}" if "latency" in column or column in COSTS or column.endswith("_s") else f"{value:.2f}"
+        three = "latency" in column or column in COSTS or column.endswith("_s") or column == "ratio"
+        return f"{value:.3g}" if three else f"{value:.2f}"  # a poisoning ratio of 0.003 is not 0.00
     return str(value)
 
 

@@ -236,6 +236,7 @@ def test_tables_show_value_plus_minus_half_width_and_the_csv_the_bounds(tmp_path
     assert cell_text(0.918, "test_acc", {"test_acc_ci_low": 0.906, "test_acc_ci_high": 0.93}) == "91.80 ± 1.20"
     assert cell_text(0.02, "test_asr", {"test_asr_ci_low": 0.01, "test_asr_ci_high": 0.036}) == "2.00 ± 1.60"
     assert cell_text(0.918, "test_acc") == "91.80" and half_width(0.5, 0.4, 0.55) == pytest.approx(0.1)
+    assert cell_text(0.003, "ratio") == "0.003" and cell_text(0.1, "ratio") == "0.1"  # a ratio keeps its digits
     rng = np.random.default_rng(2)
     none = {"clean_correct": rng.random(100) < 0.9, "poisoned_target": rng.random(100) < 0.9}
     fire = {"clean_correct": none["clean_correct"], "poisoned_target": rng.random(100) < 0.1}
