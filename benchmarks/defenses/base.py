@@ -48,6 +48,7 @@ __all__ = [
     "Trigger",
     "calibrate_threshold",
     "create_defense",
+    "fixed_or_calibrated",
     "list_defenses",
     "neuron_view",
     "per_neuron",
@@ -91,6 +92,11 @@ def calibrate_threshold(scores: torch.Tensor, fpr: float) -> Threshold:
     value = int(torch.nonzero(above <= fpr)[0])  # above decreases along the values: the first that fits
     at = float(counts[value]) / len(scores)
     return Threshold(float(values[value]), min(1.0, (fpr - float(above[value])) / at))
+
+
+def fixed_or_calibrated(fixed: float | None, scores: torch.Tensor, fpr: float) -> Threshold:
+    """``Threshold(fixed)`` where a detector was given one, else :func:`calibrate_threshold` of ``scores``."""
+    return calibrate_threshold(scores, fpr) if fixed is None else Threshold(float(fixed))
 
 
 class Decision(NamedTuple):

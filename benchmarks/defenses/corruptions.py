@@ -197,14 +197,12 @@ def _box_matrix(size_in: int, size_out: int) -> torch.Tensor:
     return matrix / matrix.sum(1, keepdim=True)
 
 
-def _pixelate_by(x: torch.Tensor, factor: float, round_levels: bool) -> torch.Tensor:
+def _pixelate_by(x: torch.Tensor, factor: float) -> torch.Tensor:
     """Pillow's BOX resize to ``int(side * factor)``, then NEAREST back (Pillow rounds the small image to uint8)."""
     height, width = x.shape[-2:]
     rows = _box_matrix(height, max(1, int(height * factor))).to(x)
     columns = _box_matrix(width, max(1, int(width * factor))).to(x)
-    small = torch.einsum("ih,bchw,jw->bcij", rows, x, columns)
-    if round_levels:
-        small = torch.round(small * 255) / 255
+    small = torch.round(torch.einsum("ih,bchw,jw->bcij", rows, x, columns) * 255) / 255
     return F.interpolate(small, size=(height, width), mode="nearest-exact")
 
 
@@ -394,7 +392,7 @@ def _elastic_transform(x: torch.Tensor, severity: int, generator: torch.Generato
 
 
 def _pixelate(x: torch.Tensor, severity: int, generator: torch.Generator, scale: float) -> torch.Tensor:
-    return _pixelate_by(x, (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1], round_levels=True)
+    return _pixelate_by(x, (0.6, 0.5, 0.4, 0.3, 0.25)[severity - 1])
 
 
 def _jpeg_compression(x: torch.Tensor, severity: int, generator: torch.Generator, scale: float) -> torch.Tensor:
@@ -517,7 +515,7 @@ def _c10_elastic_transform(x: torch.Tensor, severity: int, generator: torch.Gene
 
 
 def _c10_pixelate(x: torch.Tensor, severity: int, generator: torch.Generator, scale: float) -> torch.Tensor:
-    return _pixelate_by(x, (0.95, 0.9, 0.85, 0.75, 0.65)[severity - 1], round_levels=True)
+    return _pixelate_by(x, (0.95, 0.9, 0.85, 0.75, 0.65)[severity - 1])
 
 
 def _c10_jpeg_compression(x: torch.Tensor, severity: int, generator: torch.Generator, scale: float) -> torch.Tensor:

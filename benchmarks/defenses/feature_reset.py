@@ -166,7 +166,8 @@ class FeatureReset(RuntimeDefense):
         capture_activations(
             self.model_, clean.split(self.batch_size), [self.layer_], lambda _, a: outputs.append(a), outputs=logits
         )
-        maps, predictions = torch.cat(outputs), torch.cat(logits).argmax(1)
+        maps, clean_logits = torch.cat(outputs), torch.cat(logits)
+        predictions, classes = clean_logits.argmax(1), clean_logits.shape[1]
         features = pooled(maps)
         # the threshold from cross-fitted scores: each part scored by the statistics of the others
         order = torch.randperm(len(features), generator=self.generator_).to(features.device)
@@ -177,21 +178,16 @@ class FeatureReset(RuntimeDefense):
             held_out[part] = _Gaussian(features[rest]).distance(features[part])
         self.threshold_ = float(torch.quantile(held_out, 1 - self.fpr))
         self.gaussian_ = _Gaussian(features)
-        classes = torch.cat(logits).shape[1]
         self.mean_map_ = maps.float().mean(0)
-        self.class_maps_ = torch.stack(
-            [
-                maps[predictions == k].float().mean(0) if (predictions == k).any() else self.mean_map_
-                for k in range(classes)
-            ]
-        )
         self.class_seen_ = torch.bincount(predictions, minlength=classes) > 0  # classes the reference is predicted as
+        self.class_maps_ = torch.stack(
+            [maps[predictions == k].float().mean(0) if self.class_seen_[k] else self.mean_map_ for k in range(classes)]
+        )
         self.setting_ = (
             f"{self.layer_}, fpr {self.fpr:g}, neutral {self.neutral}, shrinkage {self.gaussian_.shrinkage:.3f}"
         )
-        with torch.inference_mode():  # the share of the reference that _decide sends to the second pass
-            distances = [self.gaussian_.distance(pooled(self._first_pass(b)[1])) for b in clean.split(self.batch_size)]
-        self.second_pass_share_ = float((torch.cat(distances) > self.threshold_).double().mean())
+        # the share of the reference that _decide sends to the second pass (its first pass is the pass above)
+        self.second_pass_share_ = float((self.gaussian_.distance(features) > self.threshold_).double().mean())
 
     def neutral_maps(self, logits: torch.Tensor) -> torch.Tensor:
         """The stage output each input is reset toward, given the model's logits for it."""

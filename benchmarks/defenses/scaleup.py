@@ -37,7 +37,7 @@ from typing import Literal, get_args
 
 import torch
 
-from fire_bench.defenses.base import Decision, RuntimeDefense, Threshold, Trigger, calibrate_threshold, register_defense
+from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, fixed_or_calibrated, register_defense
 from fire_defense import FireDefenseError
 
 __all__ = ["ScaleUp"]
@@ -132,10 +132,7 @@ class ScaleUp(RuntimeDefense):
                 if len(values) > 1:
                     self.class_mean_[label], self.class_std_[label] = values.mean(), values.std()
         self.class_std_.clamp_(min=1 / len(self.scales))
-        if self.threshold is None:
-            self.threshold_ = calibrate_threshold(self._scores(predicted, spc), self.fpr)
-        else:
-            self.threshold_ = Threshold(float(self.threshold))
+        self.threshold_ = fixed_or_calibrated(self.threshold, self._scores(predicted, spc), self.fpr)
 
     def _decide(self, x: torch.Tensor) -> Decision:
         self._check_images(x)

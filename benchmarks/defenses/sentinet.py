@@ -62,7 +62,7 @@ from typing import Literal, get_args
 import numpy as np
 import torch
 
-from fire_bench.defenses.base import Decision, RuntimeDefense, Threshold, Trigger, calibrate_threshold, register_defense
+from fire_bench.defenses.base import Decision, RuntimeDefense, Trigger, fixed_or_calibrated, register_defense
 from fire_bench.defenses.gradcam import grad_cam
 from fire_defense import FireDefenseError
 from fire_defense.checks import is_finite_number, is_integer
@@ -234,10 +234,7 @@ class SentiNet(RuntimeDefense):
         grid = np.linspace(0.0, 1.0, _CURVE_POINTS)
         self.curve_ = torch.from_numpy(np.stack([grid, np.polyval(self.coefficients_, grid)], 1))
         self.fit_scores_ = self._scores(fooled, confidence)  # the clean reference's, the threshold's basis
-        if self.threshold is None:
-            self.threshold_ = calibrate_threshold(self.fit_scores_, self.fpr)
-        else:
-            self.threshold_ = Threshold(float(self.threshold))
+        self.threshold_ = fixed_or_calibrated(self.threshold, self.fit_scores_, self.fpr)
 
     def _decide(self, x: torch.Tensor) -> Decision:
         self._check_images(x, like=self.overlays_)
