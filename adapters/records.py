@@ -172,7 +172,6 @@ def _read_poisoned_split(
 ) -> ImageSet:
     """The poisoned samples a ``bd_test``/``bd_train`` state describes, read from their PNG files."""
     where = f"{record_dir / RECORD_FILE} ({split})"
-    fix = _DAMAGED
     try:
         stored = state["bd_data_container"]["data_dict"]
         entries = {_integer(k): v for k, v in stored.items()}
@@ -184,10 +183,10 @@ def _read_poisoned_split(
             "original_index_array)."
         ) from None
     if None in entries:
-        raise RecordError(f"{where}: data_dict keys must be integer sample indices; {fix}.")
+        raise RecordError(f"{where}: data_dict keys must be integer sample indices; {_DAMAGED}.")
     indicator = _poison_indicator(raw_indicator, where)
     if listed is None:
-        raise RecordError(f"{where}: original_index_array must be an array of integer sample indices; {fix}.")
+        raise RecordError(f"{where}: original_index_array must be an array of integer sample indices; {_DAMAGED}.")
     if len(indicator) != len(clean):
         raise RecordError(
             f"{where} covers {len(indicator)} samples but the {spec.name} {split} split found has {len(clean)}; "
@@ -212,12 +211,12 @@ def _read_poisoned_split(
         if target is None or label is None or not isinstance(path, str) or "\0" in path:
             raise RecordError(
                 f"{where} entry {int(index)} needs a path string and other_info [bd_label, label] as integers "
-                f"(got path {type(path).__name__}, other_info {info!r:.60}); {fix}."
+                f"(got path {type(path).__name__}, other_info {info!r:.60}); {_DAMAGED}."
             )
         if not 0 <= target < num_classes:
             raise RecordError(
                 f"{where} entry {int(index)} has target label {target}, outside the model's {num_classes} classes; "
-                f"{fix}."
+                f"{_DAMAGED}."
             )
         images[i] = _read_png(_resolve_in_record(path, record_dir), spec)
         targets[i], labels[i] = target, label

@@ -57,7 +57,7 @@ def choice_table(rows: list[dict[str, Any]], chosen: str = "fire", fixed: str = 
     The score is poisoned accuracy minus the drop in clean accuracy from the undefended model (``none``).
     """
     table = []
-    cells = mitigation_table(rows)
+    cells = [row for row in rows if row["table"] == "leaderboard"]  # DER is not needed: no bootstrap
     for key in dict.fromkeys((row["record"], row["seed"]) for row in cells):
         same = [row for row in cells if (row["record"], row["seed"]) == key]
         base = next((row for row in same if row["defense"] == "none"), None)

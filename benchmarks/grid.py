@@ -12,7 +12,6 @@ line naming the key.
 from __future__ import annotations
 
 import collections.abc
-import math
 import types
 import typing
 from dataclasses import dataclass, field, fields
@@ -23,6 +22,7 @@ import yaml
 
 from fire_bench.defenses import DEFENSES
 from fire_defense import FireDefenseError
+from fire_defense.checks import is_finite_number, is_integer
 from fire_defense.registry import keyword_parameters
 
 if TYPE_CHECKING:
@@ -44,22 +44,14 @@ __all__ = [
 GRIDS_DIR = Path(__file__).parent / "grids"
 
 
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 def _integer(name: str, value: Any, minimum: int, optional: bool = False) -> None:
-    if not (_is_int(value) and value >= minimum) and not (optional and value is None):
+    if not (is_integer(value) and value >= minimum) and not (optional and value is None):
         allowed = f"an integer >= {minimum}" + (" or null" if optional else "")
         raise FireDefenseError(f"{name} must be {allowed}, got {value!r}.")
 
 
 def _number(name: str, value: Any, low: float, open_low: bool = False) -> None:
-    if not (_is_number(value) and (value > low if open_low else value >= low)):
+    if not (is_finite_number(value) and (value > low if open_low else value >= low)):
         raise FireDefenseError(f"{name} must be a finite number {'>' if open_low else '>='} {low:g}, got {value!r}.")
 
 
@@ -69,7 +61,7 @@ def _integers(owner: object, name: str, minimum: int) -> None:
     if isinstance(value, list):
         value = tuple(value)
         object.__setattr__(owner, name, value)
-    valid = isinstance(value, tuple) and value and all(_is_int(v) and v >= minimum for v in value)
+    valid = isinstance(value, tuple) and value and all(is_integer(v) and v >= minimum for v in value)
     if not valid or len(set(value)) != len(value):
         raise FireDefenseError(f"{name} must be a non-empty list of distinct integers >= {minimum}, got {value!r}.")
 
@@ -118,9 +110,9 @@ def _matches(value: Any, hint: Any) -> bool:
     if hint is bool:
         return isinstance(value, bool)
     if hint is int:
-        return _is_int(value)
+        return is_integer(value)
     if hint is float:
-        return _is_number(value)
+        return is_finite_number(value)
     if hint is str:
         return isinstance(value, str)
     return True
@@ -294,7 +286,7 @@ class Protocol:
     def __post_init__(self) -> None:
         _integer("clean_size", self.clean_size, 1)
         _integer("k", self.k, 1)
-        if not (_is_number(self.defender_share) and 0 < self.defender_share < 1):
+        if not (is_finite_number(self.defender_share) and 0 < self.defender_share < 1):
             raise FireDefenseError(
                 f"defender_share must be a number > 0 and < 1 (the rest of the test split is the evaluation), "
                 f"got {self.defender_share!r}."

@@ -17,7 +17,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fire_bench.report import PERCENT
+from fire_bench.report import CI_SUFFIXES, PERCENT
 
 __all__ = ["BASELINE", "glossary", "leaderboard_page", "page_data"]
 
@@ -106,7 +106,7 @@ def _protocol(board: Sequence[dict[str, Any]]) -> str:
 def page_data(board: Sequence[dict[str, Any]], columns: Sequence[str]) -> dict[str, Any]:
     """What the page embeds: the rows (fractions, ``None`` for missing), the full table's columns (intervals
     folded into their metric), the glossary, the protocol sentence and the percent columns."""
-    shown = [c for c in columns if not re.fullmatch(r"\w+_ci_(low|high)", c)]
+    shown = [c for c in columns if not c.endswith(CI_SUFFIXES)]
     rows = [{k: _finite(v) for k, v in row.items() if k != "split"} for row in board]
     percent = [c for c in dict.fromkeys(k for row in rows for k in row) if c.removesuffix("_std") in PERCENT]
     return {
@@ -350,7 +350,6 @@ function full(rows) {
       if (typeof v !== 'number') return esc(v);
       if (/latency|_s$|_mb$/.test(c)) return String(Number(v.toPrecision(3)));
       return Number.isInteger(v) ? String(v) : v.toFixed(2);
-      return esc(v);
     }}));
   table('full', cols, rows);
   document.getElementById('full-count').textContent = `${rows.length} of ${D.rows.length} rows`;
@@ -415,7 +414,7 @@ def leaderboard_page(
     plots = dict(plots or {})
     data = page_data(board, columns)
     embedded = json.dumps(data, allow_nan=False).replace("<", "\\u003c")
-    meaning = glossary(data["columns"])
+    meaning = data["glossary"]
     glossary_rows = "".join(
         f"<tr><td><code>{html.escape(c)}</code></td><td>{html.escape(t or '(not described)')}</td></tr>"
         for c, t in meaning.items()

@@ -68,9 +68,14 @@ def leaderboard(rows: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]
     """One row per record and defense of the leaderboard's cells: means over seeds, ``*_std`` spreads, 95%
     intervals (:func:`fire_bench.intervals.across_cells`), in the grid's order, with the latency phase's
     measurements of the same dataset, backbone and defense."""
+    return _board(with_der(rows), timings)
+
+
+def _board(scored: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`leaderboard` of rows that already carry DER and its interval (:func:`with_der`)."""
     timed = _timed(timings)
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
-    for row in with_der(rows):
+    for row in scored:
         if row["table"] == "leaderboard":
             groups[(row["record"], *(row[k] for k in KEYS))].append(row)
     numeric = ["test_acc", "test_asr", "test_ra", "der", "tpr", "fpr", "auroc", "forward_passes"]
@@ -167,17 +172,19 @@ def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -
     from fire_bench.plots import leaderboard_plots, plot_k_curve
 
     out.mkdir(parents=True, exist_ok=True)
-    board = leaderboard(results.rows, results.timings)
+    scored = with_der(results.rows)  # DER and every interval, once for the leaderboard and the k-curve
+    board = _board(scored, results.timings)
     check = latency_check(results.timings)
-    columns = [c for c in _columns(board) if not c.endswith(("_std", *CI_SUFFIXES)) or c == "test_ra_std"]
+    every = _columns(board)
+    columns = [c for c in every if not c.endswith(("_std", *CI_SUFFIXES)) or c == "test_ra_std"]
     split = board[0]["split"] if board else ""
     notes = [f"Grid {grid.name!r}; protocol: {split}.", check, f"Wall time {seconds / 60:.1f} min."]
     (out / "leaderboard.md").write_text(
         f"# Leaderboard: {grid.name}\n\n" + "\n\n".join(notes) + "\n\n" + markdown_table(board, columns)
     )
-    write_csv(board, [*_columns(board), "split"], out / "leaderboard.csv")
+    write_csv(board, [*every, "split"], out / "leaderboard.csv")
     plots = leaderboard_plots(board, out)
-    curve = [r for r in with_der(results.rows) if r["table"] == "k_curve"]
+    curve = [r for r in scored if r["table"] == "k_curve"]
     if curve:
         write_csv(curve, K_CURVE_COLUMNS, out / "k_curve.csv")
         (out / "k_curve.md").write_text(markdown_table(curve, K_CURVE_COLUMNS))
@@ -187,7 +194,7 @@ def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -
     # the page: every column (intervals folded into their metric), the protocol in its own sentence, the PNGs inline
     page = leaderboard_page(
         board,
-        _columns(board),
+        every,
         f"fire-defense leaderboard: {grid.name}",
         notes[1:],
         {p.name: p.read_bytes() for p in plots},

@@ -16,7 +16,7 @@ from typing import Any, Generic, TypeVar
 
 from fire_defense.errors import UnknownNameError
 
-__all__ = ["Registry", "drop_none", "keyword_parameters"]
+__all__ = ["Registry", "drop_none", "keyword_defaults", "keyword_parameters"]
 
 T = TypeVar("T")
 
@@ -83,17 +83,21 @@ def drop_none(kwargs: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
-def keyword_parameters(cls: type) -> list[str]:
-    """The keyword-only arguments of ``cls``'s constructors, a subclass's before its bases', each once.
+def keyword_defaults(cls: type) -> dict[str, Any]:
+    """Each keyword-only argument of ``cls``'s constructors and its default, a subclass's before its bases', each once.
 
     Registered classes take their hyperparameters as keyword-only arguments stored under the same
     names (scikit-learn's convention), so these names rebuild an instance.
     """
-    names = [
-        parameter.name
-        for klass in cls.__mro__
-        if "__init__" in vars(klass)
-        for parameter in inspect.signature(klass.__init__).parameters.values()
-        if parameter.kind is parameter.KEYWORD_ONLY
-    ]
-    return list(dict.fromkeys(names))
+    defaults: dict[str, Any] = {}
+    for klass in cls.__mro__:
+        if "__init__" in vars(klass):
+            for parameter in inspect.signature(klass.__init__).parameters.values():
+                if parameter.kind is parameter.KEYWORD_ONLY:
+                    defaults.setdefault(parameter.name, parameter.default)
+    return defaults
+
+
+def keyword_parameters(cls: type) -> list[str]:
+    """The names of :func:`keyword_defaults`, in its order."""
+    return list(keyword_defaults(cls))

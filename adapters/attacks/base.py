@@ -13,7 +13,6 @@ convention), so :meth:`Attack.params` rebuilds the attack; learned or random tri
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import numpy as np
@@ -24,7 +23,7 @@ from fire_adapters.datasets import DatasetSpec, get_dataset_spec
 from fire_adapters.images import ImageSet
 from fire_defense import FireDefenseError, Registry, drop_none
 from fire_defense.checks import is_finite_number, is_integer
-from fire_defense.registry import keyword_parameters
+from fire_defense.registry import keyword_defaults, keyword_parameters
 
 __all__ = [
     "ATTACKS",
@@ -204,26 +203,15 @@ def create_attack(name: str, dataset: str | DatasetSpec, **kwargs: Any) -> Attac
         FireDefenseError: a keyword the attack does not take; the message lists those it does.
     """
     cls = ATTACKS.get(name)
-    accepted = keyword_parameters(cls)
+    defaults = keyword_defaults(cls)
+    accepted = list(defaults)
     unknown = sorted(set(kwargs) - set(accepted))
     if unknown:
         raise FireDefenseError(f"attack {name!r} takes no {', '.join(unknown)}; its parameters: {', '.join(accepted)}.")
     kwargs = drop_none(kwargs)
-    defaults = _keyword_defaults(cls)
     for key, value in kwargs.items():
         _check_kind(name, key, value, defaults[key])
     return cls(dataset, **kwargs)
-
-
-def _keyword_defaults(cls: type) -> dict[str, Any]:
-    """Each keyword-only constructor argument's default, a subclass's before its bases'."""
-    defaults: dict[str, Any] = {}
-    for klass in cls.__mro__:
-        if "__init__" in vars(klass):
-            for parameter in inspect.signature(klass.__init__).parameters.values():
-                if parameter.kind is parameter.KEYWORD_ONLY:
-                    defaults.setdefault(parameter.name, parameter.default)
-    return defaults
 
 
 def _check_kind(attack: str, key: str, value: Any, default: Any) -> None:
