@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 CACHE := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/fire-defense
 SUDO := $(shell [ "$$(id -u)" -eq 0 ] || echo sudo)
 
-.PHONY: install data test bench bench-quick lint clean
+.PHONY: install data test bench bench-quick bench-thorough lint clean
 
 install: $(STAMP)
 
@@ -52,6 +52,15 @@ bench: install data
 
 bench-quick: install data
 	$(PY) -m fire_bench run --grid quick --out $(RESULTS)/quick --records-root $(RECORDS)
+
+# The thorough grid (benchmarks/grids/thorough.yaml): 42 records (3 seeds; two datasets, three architectures,
+# the harder attacks), every defense; about 2 hours on 2 CPU cores (docs/benchmark.md). Its tables and plots
+# are copied to docs/results/thorough/, which docs/results/thorough.md presents.
+bench-thorough: install data
+	$(PY) -m fire_bench run --grid thorough --out $(RESULTS)/thorough --records-root $(RECORDS)
+	mkdir -p docs/results/thorough
+	cp $(RESULTS)/thorough/leaderboard.md $(RESULTS)/thorough/leaderboard.csv $(RESULTS)/thorough/leaderboard.html \
+	  $(RESULTS)/thorough/k_curve.csv $(RESULTS)/thorough/summary.txt $(RESULTS)/thorough/*.png docs/results/thorough/
 
 lint: install
 	$(VENV)/bin/ruff check fire_defense adapters benchmarks tests && $(VENV)/bin/ruff format --check fire_defense adapters benchmarks tests

@@ -12,10 +12,10 @@ from typing import Any
 
 from fire_adapters.attacks import list_attacks
 from fire_adapters.datasets import DATASETS, DatasetNotFoundError, find_dataset
-from fire_adapters.factory import RecordRecipe, make_records
+from fire_adapters.factory import RecordRecipe, make_records, model_training
 from fire_adapters.models import list_models
 from fire_adapters.records import load_record
-from fire_adapters.training import TrainConfig
+from fire_adapters.training import OPTIMIZERS
 from fire_defense import FireDefenseError
 from fire_defense.errors import run_cli
 
@@ -76,7 +76,8 @@ def _attack_params(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _make_records(args: argparse.Namespace) -> None:
-    schedule = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr)
+    given = {"epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr, "optimizer": args.optimizer}
+    schedule = model_training(args.model, {k: v for k, v in given.items() if v is not None})  # the model's own recipe
     attacks = args.attacks.split(",")
     if args.label is not None and len(attacks) > 1:
         raise FireDefenseError(
@@ -137,9 +138,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     make.add_argument("--label", help="the attack's name in the record folder and leaderboard (one attack only)")
     make.add_argument("--model", default=defaults.model, help="zoo model name")
     make.add_argument("--seeds", type=_seeds, default=[0], help="comma-separated seeds (default 0)")
-    make.add_argument("--epochs", type=int, default=defaults.train.epochs)
-    make.add_argument("--batch-size", type=int, default=defaults.train.batch_size)
-    make.add_argument("--lr", type=float, default=defaults.train.lr, help="peak one-cycle learning rate")
+    recipe = "default: the model's training recipe (fire_adapters.factory.model_training)"
+    make.add_argument("--epochs", type=int, help=f"{recipe}; {defaults.train.epochs} for most models")
+    make.add_argument("--batch-size", type=int, help=f"{recipe}; {defaults.train.batch_size} for most models")
+    make.add_argument("--lr", type=float, help=f"peak one-cycle learning rate ({recipe})")
+    make.add_argument("--optimizer", choices=OPTIMIZERS, help=f"{recipe}; sgd for most models")
     make.add_argument("--out", default="records", help="folder for the records (default: records/)")
     make.add_argument("--data", help="where the datasets are (searched first)")
     make.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda, cuda:N")

@@ -16,7 +16,7 @@ import io
 import re
 import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 from fire_adapters.attacks import Attack, create_attack
 from fire_adapters.datasets import get_dataset_spec, load_dataset
 from fire_adapters.models import create_model
+from fire_adapters.models.zoo import training_recipe
 from fire_adapters.preprocess import with_normalization
 from fire_adapters.records import RECORD_FILE, Record, read_record_file, save_record
 from fire_adapters.training import TrainConfig, evaluate, train_backdoored_model
@@ -40,12 +41,30 @@ __all__ = [
     "load_attack",
     "make_record",
     "make_records",
+    "model_training",
     "prepare_out_dir",
     "summary_csv",
 ]
 
 METRICS = ("test_acc", "test_asr", "test_ra")
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+
+
+def model_training(model: str, overrides: Mapping[str, Any] | None = None) -> TrainConfig:
+    """How ``model`` is trained: ``TrainConfig``'s defaults, then the model's own recipe
+    (:func:`~fire_adapters.models.zoo.training_recipe`), then ``overrides``.
+
+    Raises:
+        FireDefenseError: an override that is not a ``TrainConfig`` setting, or a value it refuses.
+    """
+    overrides = dict(overrides or {})
+    known = [f.name for f in fields(TrainConfig)]
+    unknown = sorted(set(map(str, overrides)) - set(known))
+    if unknown:
+        raise FireDefenseError(
+            f"{model}'s training has no setting {', '.join(unknown)}; the settings: {', '.join(known)}."
+        )
+    return TrainConfig(**{**training_recipe(model), **overrides})
 
 
 @dataclass(frozen=True)
@@ -58,7 +77,7 @@ class RecordRecipe:
         model: Zoo model name.
         seed: Seeds the attack (poisoned samples, random trigger parts), the model's initialisation and training.
         attack_params: Keyword arguments for the attack beyond its defaults.
-        train: The training schedule.
+        train: The training schedule; ``None``: the model's (:func:`model_training`).
         label: The attack's name in the record's folder name and metadata (the leaderboard's
             ``attack_name``): letters, digits, ``.`` and ``-``. ``None``: the attack's name, with
             ``-all2all`` appended when ``attack_params`` sets ``all_to_all`` (BackdoorBench's
@@ -70,7 +89,7 @@ class RecordRecipe:
     model: str = "preactresnet18_w8"
     seed: int = 0
     attack_params: Mapping[str, Any] = field(default_factory=dict)
-    train: TrainConfig = field(default_factory=TrainConfig)
+    train: TrainConfig | None = None
     label: str | None = None
 
     @property
@@ -88,6 +107,8 @@ class RecordRecipe:
     def __post_init__(self) -> None:
         if not is_integer(self.seed) or self.seed < 0:
             raise FireDefenseError(f"a recipe's seed must be an integer >= 0, got {self.seed!r}.")
+        if self.train is None and isinstance(self.model, str):
+            object.__setattr__(self, "train", model_training(self.model))
         if not isinstance(self.train, TrainConfig):
             raise FireDefenseError(f"a recipe's train must be a TrainConfig, got {type(self.train).__name__}.")
         if not isinstance(self.attack_params, Mapping) or not all(isinstance(k, str) for k in self.attack_params):
@@ -202,6 +223,18 @@ def find_made_record(recipe: RecordRecipe, out_dir: str | Path) -> MadeRecord | 
         raise FireDefenseError(
             f"{path} was made from another recipe ({stored.get('recipe')}); pass overwrite=True (--overwrite) "
             "to rebuild it, or choose another output folder."
+        )
+    # a recipe names only the parameters set explicitly: an attack whose defaults changed since makes another trigger
+    settings = recipe.create_attack().params()
+    if "attack_params" in stored and stored["attack_params"] != settings:
+        changed = sorted(
+            k
+            for k in settings.keys() | stored["attack_params"].keys()
+            if stored["attack_params"].get(k) != settings.get(k)
+        )
+        raise FireDefenseError(
+            f"{path} was made with {recipe.attack} settings its defaults no longer give ({', '.join(changed)} "
+            "changed); pass overwrite=True (--overwrite) to rebuild it, or choose another output folder."
         )
     return MadeRecord(path, recipe, dict(stored["attack_metrics"]), float(stored["train_seconds"]), cached=True)
 

@@ -1,10 +1,11 @@
 """One trainer for backdoored models, and the evaluation every later step shares.
 
-SGD with Nesterov momentum and a one-cycle learning rate, on batches augmented as BackdoorBench
+SGD with Nesterov momentum (or AdamW) and a one-cycle learning rate, on batches augmented as BackdoorBench
 trains (random crop with 4 pixels of zero padding; horizontal flip on CIFAR-10 only). Poisoned
 samples carry the attack's trigger and target label; attacks whose trigger is learned or
 randomised per batch (Input-aware, WaNet's noise mode) adjust each batch through
-:meth:`Attack.training_batch`. Everything random is drawn from generators seeded by ``seed``.
+:meth:`Attack.training_batch`; an attack with a loss on the victim's activations (FIRE-aware) adds it
+through :meth:`Attack.feature_loss`. Everything random is drawn from generators seeded by ``seed``.
 """
 
 from __future__ import annotations
@@ -23,10 +24,13 @@ from fire_adapters.images import ImageSet
 from fire_adapters.preprocess import to_tensor, with_normalization
 from fire_defense import FireDefenseError, resolve_device
 from fire_defense.checks import is_finite_number, is_integer
+from fire_defense.layers import HookFn, HookHandles, tensor_output
 from fire_defense.metrics import backdoor_metrics, predict
 from fire_defense.progress import progress_bar
 
-__all__ = ["TrainConfig", "augment", "evaluate", "train_backdoored_model"]
+__all__ = ["OPTIMIZERS", "TrainConfig", "augment", "evaluate", "train_backdoored_model"]
+
+OPTIMIZERS = ("sgd", "adamw")
 
 
 @dataclass(frozen=True)
@@ -38,7 +42,8 @@ class TrainConfig:
         batch_size: Samples per step.
         lr: Peak learning rate of the one-cycle schedule.
         momentum: SGD (Nesterov) momentum.
-        weight_decay: L2 penalty.
+        weight_decay: L2 penalty (SGD), decoupled weight decay (AdamW).
+        optimizer: ``"sgd"`` (Nesterov) or ``"adamw"``, both under the same one-cycle schedule.
     """
 
     epochs: int = 4
@@ -46,6 +51,7 @@ class TrainConfig:
     lr: float = 0.2
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    optimizer: str = "sgd"
 
     def __post_init__(self) -> None:
         checks = {
@@ -54,13 +60,27 @@ class TrainConfig:
             "lr must be a finite number > 0": is_finite_number(self.lr) and self.lr > 0,
             "momentum must be in [0, 1)": is_finite_number(self.momentum) and 0 <= self.momentum < 1,
             "weight_decay must be a finite number >= 0": is_finite_number(self.weight_decay) and self.weight_decay >= 0,
+            f"optimizer must be one of {', '.join(OPTIMIZERS)}": self.optimizer in OPTIMIZERS,
         }
         problems = [problem for problem, ok in checks.items() if not ok]
         if problems:
             raise FireDefenseError(f"training settings: {'; '.join(problems)} (got {self}).")
 
     def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The settings as a record stores them (``optimizer`` only when not SGD: earlier records keep their recipe)."""
+        stored = asdict(self)
+        if self.optimizer == "sgd":
+            del stored["optimizer"]
+        return stored
+
+
+def _optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """The optimiser ``config`` names, on ``model``'s parameters (its learning rate the one-cycle schedule's peak)."""
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    return torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
 
 
 def augment(images: torch.Tensor, padding: int, flip: bool, generator: torch.Generator) -> torch.Tensor:
@@ -97,6 +117,15 @@ def evaluate(
     clean_pred = predict(classifier, to_tensor(clean.images), batch_size, device)
     poisoned_pred = predict(classifier, to_tensor(poisoned.images), batch_size, device)
     return backdoor_metrics(clean_pred, clean.labels, poisoned_pred, poisoned.labels, poisoned.targets)
+
+
+def _keep(store: dict[str, torch.Tensor], name: str) -> HookFn:
+    """A forward hook that puts the layer's output, graph and all, into ``store[name]``."""
+
+    def hook(module: nn.Module, inputs: tuple, output: Any) -> None:
+        store[name] = tensor_output(name, output)
+
+    return hook
 
 
 def train_backdoored_model(
@@ -140,11 +169,10 @@ def train_backdoored_model(
         networks.to(device)
     attack.prepare(train, device, generator)
     attack_optimizer = attack.trigger_optimizer()
+    feature_layers = attack.feature_layers(model)  # where Attack.feature_loss reads activations; usually none
 
     classifier = with_normalization(model, spec).to(device, memory_format=torch.channels_last)  # faster convs
-    optimizer = torch.optim.SGD(
-        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
-    )
+    optimizer = _optimizer(model, config)
     steps_per_epoch = len(train) // config.batch_size
     if steps_per_epoch == 0:
         raise FireDefenseError(f"the training set ({len(train)}) is smaller than one batch ({config.batch_size}).")
@@ -163,9 +191,13 @@ def train_backdoored_model(
             y, poisoned = targets[batch].to(device), poisoned_mask[batch].to(device)
             x = augment(x, spec.random_crop_padding, spec.horizontal_flip, generator)
             x, y, extra_loss = attack.training_batch(x, y, poisoned, generator)
-            logits = classifier(x)
+            features: dict[str, torch.Tensor] = {}
+            with HookHandles(model, [(name, _keep(features, name)) for name in feature_layers]):
+                logits = classifier(x)
             loss = F.cross_entropy(logits, y)
             total = loss if extra_loss is None else loss + extra_loss
+            feature_loss = attack.feature_loss(features, poisoned) if feature_layers else None
+            total = total if feature_loss is None else total + feature_loss
             optimizer.zero_grad(set_to_none=True)
             if attack_optimizer is not None:
                 attack_optimizer.zero_grad(set_to_none=True)

@@ -36,7 +36,7 @@ from fire_bench.defenses import RuntimeDefense, create_defense
 from fire_bench.evaluation import defender, evaluate, protocol_split
 from fire_bench.grid import DefenseSpec, Latency, Protocol
 from fire_bench.protocol import Split
-from fire_bench.timing import interleaved_ratio, peak_memory_mb
+from fire_bench.timing import interleaved_ratio, peak_memory_mb, synchronized
 from fire_defense import FireDefenseError, resolve_device
 
 __all__ = [
@@ -300,7 +300,8 @@ def _latency(
     out: dict[str, Any] = {}
     for size in latency.batch_sizes:
         batch = inputs[:size]
-        variant, baseline = functools.partial(defense.predict, batch), functools.partial(reference.predict, batch)
+        variant = synchronized(functools.partial(defense.predict, batch), device)
+        baseline = synchronized(functools.partial(reference.predict, batch), device)
         if size == max(latency.batch_sizes):  # the first call on the largest batch also gives the peak memory
             seconds: list[float] = []
             out["peak_mem_mb"] = peak_memory_mb(lambda v=variant, s=seconds: s.append(_seconds(v)), device)
@@ -334,9 +335,10 @@ def run_latency(job: LatencyCell, cache_dir: str | Path) -> dict[str, Any]:
     data = defender(record, split, defense, cell.protocol, device)
     torch.set_num_threads(job.latency.threads)
     try:
-        fit_seconds = _seconds(lambda: data.fit(defense))
+        fit_seconds = _seconds(synchronized(lambda: data.fit(defense), device))
         with torch.inference_mode():
-            forward_seconds = _seconds(lambda: [data.classifier(b) for b in data.inputs.split(defense.batch_size)])
+            batches = data.inputs.split(defense.batch_size)
+            forward_seconds = _seconds(synchronized(lambda: [data.classifier(b) for b in batches], device))
         reference = create_defense("none").fit(data.classifier, data.clean[:1])
         inputs = to_tensor(split.clean_eval.images[: max(job.latency.batch_sizes)])
         result = {

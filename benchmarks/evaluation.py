@@ -4,7 +4,8 @@ Every number the benchmark reports comes from :func:`evaluate`: the grid's cells
 (:mod:`fire_bench.cells`), ``fire-bench fire-report`` (a grid of its own, ``grids/fire.yaml``) and
 the BackdoorBench plugin (:mod:`fire_bench.backdoorbench.defense`). It fits the defense on the
 defender's data only (the clean reference; its true labels, ``k`` poisoned inputs or the trigger
-if the defense declares that need), and scores the evaluation part of the split (capped by the protocol's seeded
+if the defense declares that need; the dataset's clean training split to a defense with ``use_clean_train``,
+bdmae's masked autoencoder), and scores the evaluation part of the split (capped by the protocol's seeded
 subsamples; ``None`` caps score all of it) with :func:`fire_defense.metrics.backdoor_outcomes`, whose
 per-sample vectors the row also carries, packed (``outcomes``, :func:`fire_bench.intervals.pack_outcomes`).
 :func:`with_der` adds BackdoorBench's DER against the undefended row of the same split, and each
@@ -64,9 +65,12 @@ class Defender:
     poisoned: torch.Tensor | None
     trigger: Trigger | None
     clean_labels: torch.Tensor | None = None  # the clean reference's true labels ("labels" in needs)
+    clean_train: np.ndarray | None = None  # the dataset's clean training split, for a defense with use_clean_train
 
     def fit(self, defense: RuntimeDefense) -> RuntimeDefense:
         """``defense`` fitted on this data (and returned)."""
+        if self.clean_train is not None:
+            defense.use_clean_train(self.clean_train)  # type: ignore[attr-defined]  # e.g. bdmae trains its MAE on it
         return defense.fit(
             self.classifier, self.clean, poisoned=self.poisoned, trigger=self.trigger, clean_labels=self.clean_labels
         )
@@ -81,13 +85,15 @@ def defender(
     record: Record, split: Split, defense: RuntimeDefense, protocol: Protocol, device: torch.device
 ) -> Defender:
     """The defender's side of ``split`` for ``defense`` on ``device`` (``protocol.k`` poisoned inputs; the clean
-    reference's labels, known since it is drawn from the clean training split, only to a defense that needs them)."""
+    reference's labels, known since it is drawn from the clean training split, only to a defense that needs them;
+    the dataset's clean training split, never the test split, only to a defense with ``use_clean_train``)."""
     return Defender(
         record.classifier().to(device),
         to_tensor(split.clean_reference.images, device),
         to_tensor(split.poisoned_inputs(protocol.k).images, device) if "poisoned" in defense.needs else None,
         _trigger(record) if "trigger" in defense.needs else None,
         torch.as_tensor(split.clean_reference.labels, device=device) if "labels" in defense.needs else None,
+        record.load_clean_train().images if hasattr(defense, "use_clean_train") else None,
     )
 
 

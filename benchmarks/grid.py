@@ -27,6 +27,7 @@ from fire_defense.registry import keyword_parameters
 
 if TYPE_CHECKING:
     from fire_adapters.factory import RecordRecipe
+    from fire_adapters.training import TrainConfig
 
 __all__ = [
     "GRIDS_DIR",
@@ -42,6 +43,7 @@ __all__ = [
 ]
 
 GRIDS_DIR = Path(__file__).parent / "grids"
+DEFAULT_MODEL = "preactresnet18_w8"  # make:'s model when it names none
 
 
 def _integer(name: str, value: Any, minimum: int, optional: bool = False) -> None:
@@ -210,38 +212,88 @@ def _attacks(owner: MakeRecords) -> None:
     object.__setattr__(owner, "attacks", tuple(entries))
 
 
+def _models(owner: MakeRecords) -> None:
+    """``owner.models``: a non-empty list of distinct zoo or ``timm:`` names, from ``models`` or ``model`` (stored
+    as a tuple; ``model`` alone means ``models: [model]``, neither the default model)."""
+    from fire_adapters import MODELS
+    from fire_adapters.models.zoo import TIMM_PREFIX
+
+    if owner.model is not None and owner.models is not None:
+        raise FireDefenseError("give model (one name) or models (a list), not both.")
+    key, value = ("model", owner.model) if owner.model is not None else ("models", owner.models)
+    names = (DEFAULT_MODEL,) if value is None else (value,) if key == "model" else value
+    if isinstance(names, list):
+        names = tuple(names)
+    if not isinstance(names, tuple) or not names or (key == "model" and not isinstance(value, str)):
+        want = "a model name" if key == "model" else "a non-empty list of model names"
+        raise FireDefenseError(f"{key} must be {want}, got {value!r}.")
+    for name in names:
+        if not isinstance(name, str) or not (name in MODELS or name.startswith(TIMM_PREFIX)):
+            known = MODELS.unknown_message(str(name))
+            raise FireDefenseError(f"{key}: {known} Any timm model works as '{TIMM_PREFIX}<name>'.")
+    if len(set(names)) != len(names):
+        raise FireDefenseError(f"models must be distinct, got {list(names)!r}.")
+    object.__setattr__(owner, "models", names)
+
+
+def _training(owner: MakeRecords) -> None:
+    """``owner.training``: a mapping of the grid's models to ``TrainConfig`` settings, each checked now."""
+    from fire_adapters.factory import model_training
+
+    value = owner.training
+    if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
+        raise FireDefenseError(
+            f"training must map model names to training settings, e.g. {{vit_p4_d6: {{epochs: 6}}}}, got {value!r}."
+        )
+    for model, settings in value.items():
+        if model not in owner.models:
+            raise FireDefenseError(
+                f"training.{model}: not one of the grid's models ({', '.join(owner.models)}); "
+                "add it to models or remove its entry."
+            )
+        try:
+            model_training(model, settings)
+        except FireDefenseError as error:
+            raise FireDefenseError(f"training.{model}: {error}") from None
+
+
 @dataclass(frozen=True)
 class MakeRecords:
-    """Records to build (and cache) with the record factory: every dataset x attack x seed.
+    """Records to build (and cache) with the record factory: every dataset x model x attack x seed.
 
     An entry of ``attacks`` is a registered attack's name, or a mapping ``{name, params, label}``
     (:class:`AttackSpec`), e.g. ``{name: badnet, params: {all_to_all: true}}``, whose records are
     named ``badnet-all2all``. Every entry's parameters are checked against its attack when the grid
     is loaded, and two entries may not make records of the same name.
+
+    ``model`` (one name) or ``models`` (a list; neither: ``preactresnet18_w8``). Each model trains
+    with ``TrainConfig``'s defaults, then its own recipe from the zoo
+    (``fire_adapters.models.zoo.TRAINING``), then ``training[model]`` (any ``TrainConfig``
+    setting); ``epochs`` is the epochs of a model whose recipe and ``training`` entry set none.
     """
 
     datasets: tuple[str, ...] = ("fashionmnist",)
     attacks: tuple[str | AttackSpec, ...] = ("badnet", "blended", "sig", "wanet")
-    model: str = "preactresnet18_w8"
+    model: str | None = None
+    models: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0,)
     epochs: int = 4
+    training: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from fire_adapters import DATASETS, MODELS
-        from fire_adapters.models.zoo import TIMM_PREFIX
+        from fire_adapters import DATASETS
 
         _names(self, "datasets", DATASETS, "dataset")
         _attacks(self)
-        if not isinstance(self.model, str) or not (self.model in MODELS or self.model.startswith(TIMM_PREFIX)):
-            known = MODELS.unknown_message(str(self.model))
-            raise FireDefenseError(f"model: {known} Any timm model works as '{TIMM_PREFIX}<name>'.")
+        _models(self)
         _integers(self, "seeds", 0)
         _integer("epochs", self.epochs, 1)
+        _training(self)
         made: dict[str, int] = {}
         for i, entry in enumerate(self.attacks):
             for dataset in self.datasets:
                 try:
-                    recipe = self._recipe(dataset, entry, self.seeds[0])
+                    recipe = self._recipe(dataset, self.models[0], entry, self.seeds[0])
                     recipe.create_attack()  # the attack takes these parameters on this dataset
                 except FireDefenseError as error:
                     raise FireDefenseError(f"attacks[{i}]: {error}") from None
@@ -251,20 +303,29 @@ class MakeRecords:
                     "give one of them another label."
                 )
 
-    def _recipe(self, dataset: str, entry: str | AttackSpec, seed: int) -> RecordRecipe:
+    def train_config(self, model: str) -> TrainConfig:
+        """How ``model`` is trained: its recipe (:func:`fire_adapters.factory.model_training`), ``epochs`` where
+        neither the recipe nor ``training[model]`` sets them, and ``training[model]`` over both."""
+        from fire_adapters.factory import model_training
+        from fire_adapters.models.zoo import training_recipe
+
+        settings = dict(self.training.get(model, {}))
+        if "epochs" not in training_recipe(model):
+            settings.setdefault("epochs", self.epochs)
+        return model_training(model, settings)
+
+    def _recipe(self, dataset: str, model: str, entry: str | AttackSpec, seed: int) -> RecordRecipe:
         from fire_adapters.factory import RecordRecipe
-        from fire_adapters.training import TrainConfig
 
         spec = entry if isinstance(entry, AttackSpec) else AttackSpec(entry)
-        return RecordRecipe(
-            dataset, spec.name, self.model, seed, dict(spec.params), TrainConfig(epochs=self.epochs), spec.label
-        )
+        return RecordRecipe(dataset, spec.name, model, seed, dict(spec.params), self.train_config(model), spec.label)
 
     def recipes(self) -> list[RecordRecipe]:
-        """The recipe of every record to make: dataset x attack x seed."""
+        """The recipe of every record to make: dataset x model x attack x seed."""
         return [
-            self._recipe(dataset, entry, seed)
+            self._recipe(dataset, model, entry, seed)
             for dataset in self.datasets
+            for model in self.models
             for entry in self.attacks
             for seed in self.seeds
         ]
@@ -370,7 +431,8 @@ class Grid:
 
     name: str
     defenses: tuple[DefenseSpec, ...]
-    make: MakeRecords | None = MakeRecords()
+    # one block of records to make, or several (a YAML list: e.g. every attack on one model, a few on others)
+    make: MakeRecords | tuple[MakeRecords, ...] | None = MakeRecords()
     records: str | None = None  # a folder of records (ours or BackdoorBench's record/), instead of make
     protocol: Protocol = Protocol()
     seeds: tuple[int, ...] = (0,)
@@ -385,10 +447,23 @@ class Grid:
         _integers(self, "seeds", 0)
         for key, cls in (("make", MakeRecords), ("protocol", Protocol), ("latency", Latency), ("k_curve", KCurve)):
             value = getattr(self, key)
-            if not isinstance(value, cls) and not (value is None and key != "protocol"):
+            blocks = key == "make" and isinstance(value, tuple) and value and all(isinstance(v, cls) for v in value)
+            if not isinstance(value, cls) and not blocks and not (value is None and key != "protocol"):
                 raise FireDefenseError(f"{key} must be a mapping of settings, got {value!r}.")
         if not isinstance(self.defenses, tuple) or not self.defenses:
             raise FireDefenseError("list at least one defense under 'defenses'.")
+        if self.make is not None:
+            names = [recipe.name for recipe in self.recipes()]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            if repeated:
+                raise FireDefenseError(f"make: two blocks make the record {repeated[0]}; remove it from one of them.")
+
+    def recipes(self) -> list[RecordRecipe]:
+        """The recipe of every record ``make`` builds, block by block."""
+        if self.make is None:
+            return []
+        blocks = self.make if isinstance(self.make, tuple) else (self.make,)
+        return [recipe for block in blocks for recipe in block.recipes()]
 
 
 def _build(cls: type, data: Any, where: str) -> Any:
@@ -448,7 +523,9 @@ def load_grid(name_or_path: str | Path) -> Grid:
         raise FireDefenseError(f"{path}: include the 'none' defense, the reference for DER and latency.")
     sections = {"make": MakeRecords, "protocol": Protocol, "latency": Latency, "k_curve": KCurve}
     for key, cls in sections.items():
-        if data.get(key) is not None:
+        if key == "make" and isinstance(data.get(key), list) and data[key]:  # several blocks of records
+            data[key] = tuple(_build(cls, block, f"{path}: make[{i}]") for i, block in enumerate(data[key]))
+        elif data.get(key) is not None:
             data[key] = _build(cls, data[key], f"{path}: {key}")
     if data.get("k_curve") is not None:
         try:

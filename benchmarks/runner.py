@@ -33,7 +33,7 @@ from fire_bench.atomic import writable_folder
 from fire_bench.cells import Cell, LatencyCell, cached_result, run_cell, run_latency
 from fire_bench.executors import Executor, LocalExecutor
 from fire_bench.grid import Grid
-from fire_defense import FireDefenseError
+from fire_defense import FireDefenseError, resolve_device
 
 __all__ = ["GridResults", "RunInterrupted", "find_records", "grid_cells", "latency_cells", "run_grid"]
 
@@ -78,8 +78,7 @@ def _made_records(grid: Grid, folder: Path, data_root: str | None, device: str, 
     ``executor``."""
     from fire_adapters.factory import make_records
 
-    assert grid.make is not None
-    recipes = grid.make.recipes()
+    recipes = grid.recipes()
     try:
         return [made.path for made in make_records(recipes, folder, data_root, device, executor=executor)]
     except KeyboardInterrupt:
@@ -142,6 +141,7 @@ def run_grid(
         records_root: Where records the grid makes are kept (``<records_root>/<grid name>/``).
     """
     started = time.perf_counter()
+    resolve_device(device)  # a device that is not there fails now, before any record is found or hashed
     executor = executor or LocalExecutor()
     folder = records or grid.records
     if data_root is not None and not Path(data_root).is_dir():

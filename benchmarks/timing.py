@@ -13,7 +13,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["interleaved_ratio", "peak_memory_mb"]
+__all__ = ["interleaved_ratio", "peak_memory_mb", "synchronized"]
+
+
+def synchronized(fn: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """``fn`` that returns only once the device has finished its work (a GPU runs asynchronously: timing
+    the call alone would time the kernel launches)."""
+    if device.type != "cuda":
+        return fn
+
+    def call() -> object:
+        result = fn()
+        torch.cuda.synchronize(device)
+        return result
+
+    return call
 
 
 def interleaved_ratio(

@@ -30,6 +30,7 @@ The paper's text was not available to us; these choices are ours (``docs/fire.md
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -41,9 +42,9 @@ from fire_defense.checks import is_finite_number, is_integer, is_number
 from fire_defense.device import module_device
 from fire_defense.errors import FireDefenseError, NotFittedError, first_line, torch_load_reason
 from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers, tensor_output
-from fire_defense.repair import REPAIRS, LayerRepair, TargetCondition, build_repair, repair_hook
+from fire_defense.repair import REPAIRS, LayerRepair, TargetCondition, apply_repair, build_repair, repair_hook
 from fire_defense.selection import SELECTIONS, WEIGHTS, choose_layer, gate_threshold
-from fire_defense.split import suffix_after
+from fire_defense.split import split_at
 from fire_defense.statistics import LayerStatistics
 
 __all__ = ["FIRE", "MODES", "RepairedModel"]
@@ -131,7 +132,8 @@ class FIRE:
         self.gate_quantiles = gate_quantiles
         self.holdout_weight = holdout_weight
         self._attached: list[HookHandles] = []  # handles given out by attach()
-        self._suffixes: dict[tuple[str, ...], tuple[str, nn.Module] | None] = {}  # the model after its layers
+        self._splits: dict[tuple[str, ...], tuple[str, nn.Module, nn.Module] | None] = {}  # the model cut at its layers
+        self._module: tuple[list[str], list[LayerRepair], TargetCondition | None, RepairedModel] | None = None
         self._own_passes = 0  # > 0 while FIRE's own fitting passes run: the attached hooks stand aside
 
     # --- validation and small helpers ---------------------------------------------------------------------------
@@ -561,7 +563,7 @@ class FIRE:
         call); the hooks of :meth:`attach` and :meth:`module` skip these checks.
         """
         self._check_eval()
-        module = self.module()
+        module = self._call_module()
         self._check_forward(x)
         return module(x, scores)
 
@@ -590,10 +592,22 @@ class FIRE:
         self._require_fitted()
         condition = getattr(self, "condition_", None)
         key = tuple(self.layers_)
-        if condition is not None and key not in self._suffixes:
-            self._suffixes[key] = suffix_after(self.model, key)
-        resume = self._suffixes.get(key) if condition is not None else None
-        return RepairedModel(self.model, {layer: self.repairs_[layer] for layer in self.layers_}, condition, resume)
+        if condition is not None and key not in self._splits:
+            self._splits[key] = split_at(self.model, key)
+        split = self._splits.get(key) if condition is not None else None
+        resume, head = (None, None) if split is None else ((split[0], split[2]), split[1])
+        repairs = {layer: self.repairs_[layer] for layer in self.layers_}
+        return RepairedModel(self.model, repairs, condition, resume, head)
+
+    def _call_module(self) -> RepairedModel:
+        """:meth:`module`, made once and reused by :meth:`__call__` while the layers, repairs and condition stay."""
+        self._require_fitted()
+        parts = (self.layers_, [self.repairs_[layer] for layer in self.layers_], getattr(self, "condition_", None))
+        cached = self._module
+        same = cached is not None and cached[0] == parts[0] and cached[2] is parts[2]
+        if not (same and all(a is b for a, b in zip(cached[1], parts[1], strict=True))):
+            cached = self._module = (list(parts[0]), parts[1], parts[2], self.module())
+        return cached[3]
 
     # --- fitted state -----------------------------------------------------------------------------------------
 
@@ -735,7 +749,9 @@ def _check_inputs(batch: torch.Tensor, what: str) -> None:
         raise FireDefenseError(
             f"{name} are {batch.dtype}; give the float tensors the model takes (uint8 images: x.float() / 255)."
         )
-    if batch.is_floating_point() and not bool(torch.isfinite(batch).all()):
+    # a finite sum means every value is finite (a NaN or an infinity makes it NaN or infinite); only where it is
+    # not (a NaN, or finite values whose sum overflows) does the element-wise test decide
+    if batch.is_floating_point() and not math.isfinite(batch.sum().item()) and not bool(torch.isfinite(batch).all()):
         raise FireDefenseError(f"{name} hold NaN or infinite values; drop or repair those inputs.")
 
 
@@ -748,14 +764,18 @@ class RepairedModel(nn.Module):
     the condition selects run again, repaired: from the first repaired layer's stored output
     through ``resume`` where one is given, else through the whole model. Where the condition
     selects every class (no single target was inferred, as under an all-to-all attack) and at most
-    one layer is gated, one hooked pass gives the same logits, and only it runs.
+    one layer is gated, one hooked pass gives the same logits, and only it runs. With one repaired
+    layer, a ``head`` and no hook on the model itself, the first pass runs as ``rest(head(x))``, which
+    keeps the layer's output without a hook (the same operations, the same logits); a hook on the
+    model (a counter of its calls) sees every pass, as without a head.
 
     Args:
         model: The classifier.
         repairs: ``{layer name: repair module}``, applied in this order.
         condition: Selects the inputs to repair from the unrepaired logits (default: every input).
-        resume: ``(layer, rest)`` from :func:`fire_defense.split.suffix_after`: ``rest`` maps that
+        resume: ``(layer, rest)`` from :func:`fire_defense.split.split_at`: ``rest`` maps that
             repaired layer's output to the logits (it shares the model's modules, so it is not a submodule).
+        head: With ``resume``, the model's part up to that layer's output (from :func:`~fire_defense.split.split_at`).
     """
 
     def __init__(
@@ -764,6 +784,7 @@ class RepairedModel(nn.Module):
         repairs: Mapping[str, LayerRepair],
         condition: TargetCondition | None = None,
         resume: tuple[str, nn.Module] | None = None,
+        head: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.model = model
@@ -771,6 +792,8 @@ class RepairedModel(nn.Module):
         self.repairs = nn.ModuleList(repairs.values())
         self.condition = condition
         self.resume = resume
+        self._head = (head,) if head is not None and resume is not None else None  # a tuple: not a submodule
+        self._cached_settings: tuple[list, tuple[bool, list[bool]]] | None = None  # see _settings
 
     def _one_pass(self, pairs: list[tuple[str, LayerRepair]]) -> list[torch.Tensor | None] | None:
         """Where one hooked pass gives the same logits as two, each layer's gate threshold for it (``None``: no
@@ -778,15 +801,45 @@ class RepairedModel(nn.Module):
         inferred: every input is repaired) and at most one gated layer, which then decides in the same pass."""
         if self.condition is None:
             return [None] * len(pairs)
-        if not bool(self.condition.mask.all()):
+        every_class, gated = self._settings()
+        if not every_class:
             return None
-        thresholds = [None if bool(torch.isneginf(r.select_threshold)) else r.select_threshold for _, r in pairs]
+        thresholds = [r.select_threshold if gate else None for (_, r), gate in zip(pairs, gated, strict=True)]
         return thresholds if len(pairs) == 1 or all(t is None for t in thresholds) else None
+
+    def _settings(self) -> tuple[bool, list[bool]]:
+        """Whether the condition selects every class, and whether each layer's gate is set (a threshold above
+        ``-inf``): read from the buffers only when one of them was replaced or changed in place since the last call
+        (a tensor's version counter), so a forward pass spends no tensor operation on them."""
+        assert self.condition is not None
+        buffers = [self.condition.mask, *(repair.select_threshold for repair in self.repairs)]
+        try:
+            key = [(tensor, tensor._version) for tensor in buffers]
+        except RuntimeError:  # an inference-mode tensor keeps no version counter: read it every time
+            key = None
+        cached = self._cached_settings
+        if (
+            key is None
+            or cached is None
+            or not all(a is b and u == v for (a, u), (b, v) in zip(key, cached[0], strict=True))
+        ):
+            settings = bool(buffers[0].all()), [not bool(torch.isneginf(t)) for t in buffers[1:]]
+            self._cached_settings = None if key is None else (key, settings)
+            return settings
+        return cached[1]
+
+    def _split(self) -> bool:
+        """Whether the first pass can run as ``rest(head(x))``: one layer, a head, and no hook on the model itself."""
+        model = self.model
+        hooked = model._forward_hooks or model._forward_pre_hooks or _global_module_hooks()
+        return self._head is not None and len(self.layers) == 1 and not hooked
 
     def forward(self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Repaired logits; ``scores``, if given, gets each layer's projection score of the first pass."""
         pairs = list(zip(self.layers, self.repairs, strict=True))
         thresholds = self._one_pass(pairs)
+        if self._split():
+            return self._split_forward(x, scores, thresholds)
         if thresholds is not None:
             gated = zip(pairs, thresholds, strict=True)
             hooks = [(layer, repair_hook(layer, r, scores, above=threshold)) for (layer, r), threshold in gated]
@@ -812,3 +865,32 @@ class RepairedModel(nn.Module):
                 start, rest = self.resume
                 repaired = rest(self.repairs[self.layers.index(start)](stored[0][selected]))
         return logits.index_put((selected,), repaired)
+
+    def _split_forward(
+        self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None, thresholds: list[torch.Tensor | None] | None
+    ) -> torch.Tensor:
+        """:meth:`forward` with the first pass as ``rest(head(x))``: the same operations, with no hook to attach."""
+        assert self._head is not None and self.resume is not None
+        (head,), (layer, rest), repair = self._head, self.resume, self.repairs[0]
+        output = tensor_output(layer, head(x))
+        if thresholds is not None:  # one pass repairs (the inputs above the gate)
+            return rest(apply_repair(layer, repair, output, scores, above=thresholds[0]))
+        gated = self._settings()[1][0]
+        score = repair.score(output) if scores is not None or gated else None
+        if scores is not None:
+            scores[layer] = score
+        logits = rest(output)
+        selected = self.condition(logits)
+        if gated:
+            selected = selected & (score > repair.select_threshold.to(score))
+        rows = selected.nonzero().flatten()  # one operation tells whether any input is selected, and which
+        if not len(rows):
+            return logits
+        return logits.index_put((rows,), rest(repair(output[rows])))
+
+
+def _global_module_hooks() -> bool:
+    """Whether a global forward hook (``register_module_forward_hook``) is set: it sees every module call."""
+    from torch.nn.modules import module
+
+    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)

@@ -39,6 +39,7 @@ __all__ = [
     "ProjectRepair",
     "ShiftRepair",
     "TargetCondition",
+    "apply_repair",
     "build_repair",
     "repair_hook",
 ]
@@ -249,15 +250,26 @@ def repair_hook(
     def hook(module: nn.Module, inputs: tuple, output: Any) -> torch.Tensor | None:
         if active is not None and not active():
             return None
-        output = tensor_output(layer, output)
-        score = repair.score(output) if scores is not None or above is not None else None
-        if scores is not None:
-            scores[layer] = score
-        if not apply:
-            return None
-        if above is None:
-            return repair(output)
-        keep = (score <= above.to(score)).view(-1, *[1] * (output.dim() - 1))
-        return torch.where(keep, output, repair(output))
+        return apply_repair(layer, repair, tensor_output(layer, output), scores, apply, above)
 
     return hook
+
+
+def apply_repair(
+    layer: str,
+    repair: LayerRepair,
+    output: torch.Tensor,
+    scores: dict[str, torch.Tensor] | None = None,
+    apply: bool = True,
+    above: torch.Tensor | None = None,
+) -> torch.Tensor | None:
+    """What :func:`repair_hook` does to ``layer``'s ``output``: the repaired output (``None`` if not ``apply``)."""
+    score = repair.score(output) if scores is not None or above is not None else None
+    if scores is not None:
+        scores[layer] = score
+    if not apply:
+        return None
+    if above is None:
+        return repair(output)
+    keep = (score <= above.to(score)).view(-1, *[1] * (output.dim() - 1))
+    return torch.where(keep, output, repair(output))

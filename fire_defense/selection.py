@@ -34,6 +34,7 @@ from fire_defense.errors import FireDefenseError
 from fire_defense.layers import HookHandles
 from fire_defense.metrics import predict
 from fire_defense.repair import LayerRepair, TargetCondition, repair_hook
+from fire_defense.split import rests_after
 from fire_defense.statistics import LayerStatistics
 
 __all__ = ["SELECTIONS", "WEIGHTS", "LayerChoice", "choose_layer"]
@@ -173,6 +174,7 @@ def _holdout_choice(
         targets = None if bool(condition.mask.all()) else condition.mask.cpu()  # no target found: as unconditional
     poisoned_before = poisoned_logits.argmax(1).cpu()
     held = torch.arange(n_fit, len(clean))
+    rests = rests_after(model, list(statistics))  # the repaired passes resume after the layer where the model cuts
     scores: dict[str, dict[str, float]] = {}
     best: tuple | None = None
     for position, layer in enumerate(statistics):
@@ -184,10 +186,19 @@ def _holdout_choice(
         rows = poisoned_selected.nonzero().flatten().tolist()
         # one pass for all of them, each row repaired by the repair estimated without it (k = 1: with it)
         repairs = [build(layer, fit_stats.leave_out(i) if len(poisoned) > 1 else fit_stats) for i in rows]
+        # the passes resume from the kept (float32) activations where the model cuts there and they are exact
+        exact = stats.dtype in (torch.float32, torch.float16, torch.bfloat16)
+        rest = rests[layer] if exact else None
         if rows:
-            with HookHandles(model, [(layer, _row_by_row(layer, repairs))]), torch.inference_mode():
-                probabilities = model(poisoned[torch.as_tensor(rows, device=poisoned.device)]).softmax(1).cpu()
-            confidence, after = probabilities.max(1)
+            with torch.inference_mode():
+                if rest is not None:
+                    kept = poisoned_acts.to(stats.dtype)
+                    repaired = [repair(kept[i : i + 1]) for i, repair in zip(rows, repairs, strict=True)]
+                    logits = rest(torch.cat(repaired))
+                else:
+                    with HookHandles(model, [(layer, _row_by_row(layer, repairs))]):
+                        logits = model(poisoned[torch.as_tensor(rows, device=poisoned.device)])
+            confidence, after = logits.softmax(1).cpu().max(1)
         for row, (i, repair) in enumerate(zip(rows, repairs, strict=True)):
             repaired_away = after[row] != int(poisoned_before[i]) and (targets is None or not bool(targets[after[row]]))
             worth = float(confidence[row]) if by_confidence else 1.0
@@ -198,7 +209,11 @@ def _holdout_choice(
         repair = build(layer, fit_stats)
         candidates = held[selected[n_fit:]]
         after_clean = before[candidates]
-        if len(candidates):
+        if len(candidates) and rest is not None:
+            with torch.inference_mode():
+                kept = clean_acts[candidates.to(clean_acts.device)].to(stats.dtype)
+                after_clean = rest(repair(kept)).argmax(1).cpu()
+        elif len(candidates):
             with HookHandles(model, [(layer, repair_hook(layer, repair))]):
                 after_clean = torch.as_tensor(predict(model, clean[candidates.to(clean.device)]))
         held_scores = repair.score(clean_acts[candidates]).cpu()

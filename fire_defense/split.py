@@ -3,11 +3,13 @@
 FIRE's target condition runs the model once unrepaired, then again, repaired, for the inputs it
 selects. Everything before the first repaired layer is the same in both passes, so the second
 pass can start from the activation the first one stored at that layer. :func:`suffix_after`
-builds that rest of the model with ``torch.fx``: only the ``forward`` methods of the modules that
-contain a repaired layer are traced, every other submodule (the repaired layers included) is
-called as it is, so forward hooks on the repaired layers still fire in the suffix. Where the
-model cannot be split there (it does not trace, or a value computed before the layer, such as the
-input itself, is used after it) there is no suffix, and the caller runs the whole model again.
+builds that rest of the model with ``torch.fx`` (:func:`split_at` also the head before it, so the
+first pass can run as ``rest(head(x))`` and keep the layer's output without a hook): only the
+``forward`` methods of the modules that contain a repaired layer are traced, every other submodule
+(the repaired layers included) is called as it is, so forward hooks on the repaired layers still
+fire in the suffix. Where the model cannot be split there (it does not trace, or a value computed
+before the layer, such as the input itself, is used after it) there is no suffix, and the caller
+runs the whole model again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-__all__ = ["suffix_after"]
+__all__ = ["rests_after", "split_at", "suffix_after"]
 
 
 class _AncestorTracer(fx.Tracer):
@@ -31,9 +33,10 @@ class _AncestorTracer(fx.Tracer):
         return qualified_name not in self.ancestors
 
 
-def suffix_after(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.GraphModule] | None:
-    """``(first, rest)``: the first of ``layers`` that ``model`` computes, and ``rest(h)``, the model's output
-    from that layer's output ``h``; ``rest`` shares ``model``'s submodules (their weights and hooks).
+def split_at(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.GraphModule, fx.GraphModule] | None:
+    """``(first, head, rest)``: the first of ``layers`` that ``model`` computes, ``head(x)``, that layer's output
+    from the model's input, and ``rest(h)``, the model's output from it; ``rest(head(x))`` is ``model(x)``, with
+    the same operations in the same order. Both share ``model``'s submodules (their weights and hooks).
 
     Returns ``None`` where the model cannot be cut there (see the module docstring).
     """
@@ -41,6 +44,25 @@ def suffix_after(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.Graph
         graph = _AncestorTracer(layers).trace(model)
     except Exception:  # noqa: BLE001 - fx raises many types for code it cannot trace; the caller falls back
         return None
+    return _cut(model, graph, layers)
+
+
+def rests_after(model: nn.Module, layers: Sequence[str]) -> dict[str, fx.GraphModule | None]:
+    """``{layer: rest}`` for each of ``layers`` on its own (``rest``: as :func:`suffix_after`'s; ``None`` where
+    the model cannot be cut there), from one trace in which every one of them is called as it is."""
+    try:
+        graph = _AncestorTracer(layers).trace(model)
+    except Exception:  # noqa: BLE001 - as in split_at
+        return dict.fromkeys(layers)
+    rests = {}
+    for layer in layers:
+        split = _cut(model, graph, [layer], head=False)
+        rests[layer] = None if split is None else split[2]
+    return rests
+
+
+def _cut(model: nn.Module, graph: fx.Graph, layers: Sequence[str], head: bool = True) -> tuple | None:
+    """:func:`split_at` on a traced ``graph`` (``head=False``: without the head)."""
     nodes = list(graph.nodes)
     cuts = [i for i, node in enumerate(nodes) if node.op == "call_module" and node.target in layers]
     if sorted(nodes[i].target for i in cuts) != sorted(set(layers)):
@@ -49,6 +71,13 @@ def suffix_after(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.Graph
     before, after = set(nodes[:cut]), nodes[cut + 1 :]
     if any(used in before and used.op != "get_attr" for node in after for used in node.all_input_nodes):
         return None  # a value from before the cut (the input, a skip connection) is needed after it
+    first: fx.GraphModule | None = None
+    if head:
+        head_graph, head_env = fx.Graph(), {}
+        for node in nodes[: cut + 1]:
+            head_env[node] = head_graph.node_copy(node, head_env.__getitem__)
+        head_graph.output(head_env[nodes[cut]])
+        first = fx.GraphModule(model, head_graph)
     rest = fx.Graph()
     env = {nodes[cut]: rest.placeholder("activation")}
     for node in after:
@@ -56,4 +85,11 @@ def suffix_after(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.Graph
             if used in before and used not in env:  # a parameter or constant read before the cut, used after it
                 env[used] = rest.node_copy(used, env.__getitem__)
         env[node] = rest.node_copy(node, env.__getitem__)
-    return str(nodes[cut].target), fx.GraphModule(model, rest)
+    return str(nodes[cut].target), first, fx.GraphModule(model, rest)
+
+
+def suffix_after(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.GraphModule] | None:
+    """``(first, rest)`` of :func:`split_at`: the first of ``layers`` that ``model`` computes, and ``rest(h)``,
+    the model's output from that layer's output ``h``; ``None`` where the model cannot be cut there."""
+    split = split_at(model, layers)
+    return None if split is None else (split[0], split[2])

@@ -129,7 +129,15 @@ class LayerStatistics:
         calibration store (augmented views are not used).
         """
         copy = LayerStatistics(self.shape, self.dtype, keep_poisoned=True)
-        copy.add("clean", self.clean_activations()[:clean].view(-1, *self.shape))
+        kept = self.clean_activations()
+        if self.counts.get("clean") == len(kept) and clean > len(kept) - clean:  # take out the fewer held-out ones
+            held = LayerStatistics(self.shape, self.dtype)
+            held.add("clean", kept[clean:].view(-1, *self.shape))
+            for name in ("sums", "channel_sums", "channel_squares"):
+                getattr(copy, name)["clean"] = getattr(self, name)["clean"] - getattr(held, name)["clean"]
+            copy.counts["clean"], copy.calibration = clean, [kept[:clean]]
+        else:
+            copy.add("clean", kept[:clean].view(-1, *self.shape))
         copy.add("poisoned", self.poisoned_activations().view(-1, *self.shape))
         copy.basis = self.basis
         return copy

@@ -338,3 +338,56 @@ def child_processes(pid: int) -> set[int]:
         if int(fields[1]) == pid:  # the field after the state is the parent's pid
             found.add(int(stat.parent.name))
     return found
+
+
+def write_sized_gtsrb_dataset(root: Path, n_train: int, n_test: int, seed: int = 0) -> dict:
+    """BackdoorBench's GTSRB layout (``Train/000NN/GT-000NN.csv``, ``Test/GT-final_test.csv``) with ``n_train``
+    and ``n_test`` images of varying size, labels drawn over the 43 classes; returns {split: labels in
+    BackdoorBench's order}."""
+    rng = np.random.default_rng(seed)
+    header = "Filename;Width;Height;Roi.X1;Roi.Y1;Roi.X2;Roi.Y2;ClassId"
+    train_labels = np.sort(rng.integers(0, 43, size=n_train))  # read class folder by class folder
+    for c in range(43):
+        folder = root / "Train" / f"{c:05d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for i in range(int((train_labels == c).sum())):
+            name, (width, height) = f"{c:05d}_{i:05d}.ppm", rng.integers(30, 60, size=2)
+            Image.fromarray(random_images(1, int(height), int(width), 3, seed + 100 * c + i)[0]).save(folder / name)
+            rows.append(f"{name};{width};{height};5;5;25;25;{c}")
+        (folder / f"GT-{c:05d}.csv").write_text("\n".join([header, *rows]) + "\n")
+    test, rows = root / "Test", []
+    test.mkdir(parents=True, exist_ok=True)
+    test_labels = rng.integers(0, 43, size=n_test)
+    for i, c in enumerate(test_labels):
+        name, (width, height) = f"{i:05d}.ppm", rng.integers(30, 60, size=2)
+        Image.fromarray(random_images(1, int(height), int(width), 3, seed + 10_000 + i)[0]).save(test / name)
+        rows.append(f"{name};{width};{height};5;5;25;25;{c}")
+    (test / "GT-final_test.csv").write_text("\n".join([header, *rows]) + "\n")
+    return {"train": train_labels.astype(np.int64), "test": test_labels.astype(np.int64)}
+
+
+def write_backdoorbench_record(root: Path, dataset: str, name: str, seed: int = 0) -> Path:
+    """``root/record/<name>`` as BackdoorBench's attack scripts write it, on the copy of ``dataset`` already in
+    ``root/data/<dataset>``: its ``preactresnet18`` (width 64, freshly initialised), BadNets on 10% of the
+    training split and every non-target test image, and only BackdoorBench's own keys in ``attack_result.pt``
+    (no attack parameters, as its records carry none). Returns the record folder."""
+    from fire_adapters import create_model, get_dataset_spec, load_dataset, save_record
+    from fire_adapters.attacks import create_attack
+
+    spec = get_dataset_spec(dataset)
+    train = load_dataset(spec, "train", root=root / "data")
+    test = load_dataset(spec, "test", root=root / "data")
+    attack = create_attack("badnet", spec, seed=seed)
+    torch.manual_seed(seed)
+    return save_record(
+        root / "record" / name,
+        model=create_model("preactresnet18", spec.num_classes),
+        model_name="preactresnet18",
+        num_classes=spec.num_classes,
+        dataset=spec,
+        poisoned_test=attack.poison(test, attack.test_positions(test.labels)),
+        test_size=len(test),
+        poisoned_train=attack.poison(train, attack.train_positions(train.labels)),
+        train_size=len(train),
+    )

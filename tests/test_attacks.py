@@ -11,6 +11,7 @@ import torch
 
 from fire_adapters import ImageSet, get_dataset_spec, list_datasets
 from fire_adapters.attacks import ATTACKS, InputAware, WaNet, create_attack, list_attacks
+from fire_adapters.attacks.bpp import floyd_steinberg
 from fire_defense import FireDefenseError
 
 from helpers import random_images
@@ -121,20 +122,54 @@ def test_wanet_noise_mode_warps_only_clean_samples_and_keeps_labels():
     assert torch.equal(out_labels, labels)
 
 
-def test_bpp_quantises_each_image_to_its_own_levels_and_trains_with_negatives():
-    attack = create_attack("bpp", "cifar10", squeeze_num=8)
+def test_bpp_quantises_each_image_to_its_own_levels():
+    attack = create_attack("bpp", "cifar10", squeeze_num=8, dithering=False)
     out = attack(COLOUR)
     levels = np.round(np.arange(8) / 7 * 255).astype(np.uint8)
     assert set(np.unique(out)) <= set(levels)  # eight levels per channel
     assert np.abs(out.astype(int) - COLOUR).max() <= 19  # at most half a step (255 / 14) from the original
     change = out.astype(int) - COLOUR
     assert not np.array_equal(change[0], change[1])  # the change is the image's own: sample-specific
-    images, labels = torch.rand(20, 3, 32, 32), torch.arange(20)
+    dithered = create_attack("bpp", "cifar10", squeeze_num=8)(COLOUR)  # dithering is the default
+    assert set(np.unique(dithered)) <= set(levels) and not np.array_equal(dithered, out)
+
+
+def test_floyd_steinberg_dithering_matches_a_hand_computation():
+    # 2x2 at two levels (0, 255): 100 -> 0 (error 100: +43.75 right, +31.25 down, +6.25 down-right); 143.75 -> 255
+    # (error -111.25: -20.86 down-left, -34.77 down); 110.39 -> 0 (error +48.30 right); 119.78 -> 0.
+    square = np.full((1, 2, 2, 1), 100, dtype=np.uint8)
+    np.testing.assert_array_equal(floyd_steinberg(square, 2)[0, :, :, 0], [[0, 255], [0, 0]])
+    # one row at three levels (0, 127.5, 255): 50 -> 0; 50 + 21.875 -> 127.5 (rounded to 128); 50 - 24.34 -> 0.
+    row = np.full((1, 1, 3, 1), 50, dtype=np.uint8)
+    np.testing.assert_array_equal(floyd_steinberg(row, 3)[0, 0, :, 0], [0, 128, 0])
+    plain = create_attack("bpp", "fashionmnist", squeeze_num=2, dithering=False)
+    grey = np.full((1, 28, 28, 1), 100, dtype=np.uint8)
+    assert not plain(grey).any()  # without dithering all of it is 0
+    dithered = create_attack("bpp", "fashionmnist", squeeze_num=2, dithering=True)(grey)
+    assert abs(dithered.mean() - 100) < 10  # the error is diffused: the mean brightness is kept
+
+
+def test_bpp_poisons_each_batch_anew_and_trains_with_negatives():
+    attack = create_attack("bpp", "cifar10", ratio=0.1, neg_ratio=0.2, dithering=False, target=3)
+    assert not attack.static_trigger  # drawn per batch, as BackdoorBench
+    images, labels = torch.rand(20, 3, 32, 32), torch.arange(20) % 10
     poisoned = torch.zeros(20, dtype=torch.bool)
-    poisoned[:2] = True
-    out_batch, out_labels, _ = attack.training_batch(images, labels, poisoned, torch.Generator().manual_seed(0))
-    changed = (out_batch != images).flatten(1).any(1)
-    assert not changed[:2].any() and int(changed.sum()) == 2 and torch.equal(out_labels, labels)
+    out, out_labels, extra = attack.training_batch(images, labels, poisoned, torch.Generator().manual_seed(0))
+    quantised = attack.quantise(images)
+    is_quantised = (out - quantised).flatten(1).abs().amax(1) < 1e-6
+    changed = (out != images).flatten(1).any(1)
+    relabelled = out_labels != labels
+    assert int(is_quantised.sum()) == 2 and torch.equal(out_labels[is_quantised], torch.full((2,), 3))
+    negatives = changed & ~is_quantised
+    assert int(negatives.sum()) == 4 and torch.equal(out_labels[negatives], labels[negatives])  # labels kept
+    assert int(changed.sum()) == 6 and int(relabelled.sum()) <= 2 and extra is None
+    np.testing.assert_array_equal(
+        (quantised.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)).numpy(),
+        attack((images.mul(255).round().to(torch.uint8).permute(0, 2, 3, 1)).numpy()),
+    )  # the training trigger is the test trigger
+    everything = create_attack("bpp", "cifar10", ratio=1.0, dithering=False)  # no room left for negatives
+    out, out_labels, _ = everything.training_batch(images, labels, poisoned, torch.Generator().manual_seed(0))
+    assert torch.equal(out, everything.quantise(images)) and (out_labels == 0).all()
 
 
 def test_inputaware_triggers_differ_per_image_and_only_work_with_their_own_mask():
@@ -202,7 +237,93 @@ def test_bad_attack_arguments():
         "badnet",
         "blended",
         "bpp",
+        "ctrl",
+        "fire-aware",
+        "ftrojan",
         "inputaware",
         "sig",
         "wanet",
     ]
+
+
+def _dct2(channel: np.ndarray) -> np.ndarray:
+    """The orthonormal 2-d DCT-II of a square array, from its definition (sums of products of cosines)."""
+    n = channel.shape[0]
+    scale = np.where(np.arange(n) == 0, np.sqrt(1 / n), np.sqrt(2 / n))
+    out = np.empty((n, n))
+    rows = np.arange(n)
+    for u in range(n):
+        cos_u = np.cos(np.pi * (2 * rows + 1) * u / (2 * n))
+        for v in range(n):
+            cos_v = np.cos(np.pi * (2 * rows + 1) * v / (2 * n))
+            out[u, v] = scale[u] * scale[v] * np.sum(channel * cos_u[:, None] * cos_v[None, :])
+    return out
+
+
+def _raised(magnitude: float, positions: list[tuple[int, int]], size: int) -> np.ndarray:
+    expected = np.zeros((size, size))
+    for u, v in positions:
+        expected[u, v] = magnitude
+    return expected
+
+
+def test_ftrojan_raises_the_luminance_dct_coefficients_of_grey_images_by_the_magnitude():
+    attack = create_attack("ftrojan", "fashionmnist")
+    grey = np.full((1, 28, 28, 1), 128, dtype=np.uint8)
+    change = attack(grey)[0, :, :, 0].astype(np.float64) - 128
+    cos13, cos27 = (np.cos(np.pi * (2 * np.arange(28) + 1) * k / 56) for k in (13, 27))
+    trigger = 100 * 2 / 28 * (np.outer(cos13, cos13) + np.outer(cos27, cos27))  # the two raised basis images
+    assert np.all(change <= trigger + 1e-4) and np.all(change > trigger - 1)  # truncated to uint8, as BackdoorBench
+    np.testing.assert_allclose(_dct2(attack.pattern[:, :, 0]), _raised(100, [(13, 13), (27, 27)], 28), atol=1e-4)
+    moved = create_attack("ftrojan", "fashionmnist", magnitude=50, positions=[[3, 10]], window_size=14).pattern[..., 0]
+    for block in (moved[:14, :14], moved[14:, 14:]):  # every window gets the trigger
+        np.testing.assert_allclose(_dct2(block), _raised(50, [(3, 10)], 14), atol=1e-4)
+
+
+# The chrominance rows of the two colour spaces, from their definitions: OpenCV's Cr = 0.713 (R - Y),
+# Cb = 0.564 (B - Y) (FTrojan); kornia's U = -0.147 R - 0.289 G + 0.436 B, V = 0.615 R - 0.515 G - 0.100 B (CTRL).
+LUMA = np.array([0.299, 0.587, 0.114])
+CHROMA = {
+    "ftrojan": (0.713 * (np.eye(3)[0] - LUMA), 0.564 * (np.eye(3)[2] - LUMA)),
+    "ctrl": (np.array([-0.147, -0.289, 0.436]), np.array([0.615, -0.515, -0.100])),
+}
+
+
+@pytest.mark.parametrize(("name", "magnitude"), [("ftrojan", 30), ("ctrl", 100)])
+def test_frequency_attacks_raise_only_the_chrominance_coefficients_of_colour_images(name, magnitude):
+    pattern = create_attack(name, "cifar10").pattern.astype(np.float64)
+    np.testing.assert_allclose(_dct2(pattern @ LUMA), 0, atol=1e-3)  # the luminance is untouched
+    for row in CHROMA[name]:
+        np.testing.assert_allclose(_dct2(pattern @ row), _raised(magnitude, [(15, 15), (31, 31)], 32), atol=1e-3)
+    middle = np.full((1, 32, 32, 3), 128, dtype=np.uint8)
+    out = create_attack(name, "cifar10")(middle).astype(np.float64) - 128
+    assert np.all(out <= pattern + 1e-4) and np.all(out > pattern - 1)
+
+
+def test_ctrl_is_clean_label_all_to_one_and_dirty_label_all_to_all():
+    labels = np.repeat(np.arange(10), 10)
+    positions = create_attack("ctrl", "fashionmnist").train_positions(labels)
+    assert (labels[positions] == 0).all() and len(positions) == 5  # ratio 0.05 of the whole set, from the target
+    np.testing.assert_allclose(
+        _dct2(create_attack("ctrl", "fashionmnist").pattern[..., 0]), _raised(500, [(13, 13), (27, 27)], 28), atol=1e-3
+    )
+    every = create_attack("ctrl", "fashionmnist", all_to_all=True, ratio=0.2)
+    chosen = every.train_positions(labels)
+    assert len(chosen) == 20 and len(set(labels[chosen])) > 1  # BackdoorBench's all2all ignores the clean-label rule
+    np.testing.assert_array_equal(every.target_labels(labels[chosen]), (labels[chosen] + 1) % 10)
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ({"window_size": 5}, "window_size must be a whole number >= 2 that divides"),
+        ({"positions": [[28, 0]]}, r"positions must be \(row, column\) pairs inside the 28x28 window"),
+        ({"positions": [1, 2]}, "positions must be"),
+        ({"channels": [1, 2]}, "channels must be distinct channel numbers in 0..0"),
+        ({"magnitude": 0}, "magnitude must be a finite number > 0"),
+    ],
+)
+def test_frequency_attacks_refuse_bad_settings_in_one_line(params, message):
+    for name in ("ftrojan", "ctrl"):
+        with pytest.raises(FireDefenseError, match=message):
+            create_attack(name, "fashionmnist", **params)

@@ -70,8 +70,31 @@ def test_shipped_grids_load_and_name_real_defenses():
     assert len(quick.defenses) < len(default.defenses) and quick.protocol.eval_clean < default.protocol.eval_clean
 
 
+def test_a_grid_makes_records_in_blocks(tmp_path):
+    thorough = load_grid("thorough")  # blocks: every attack on one model, a few on the others
+    names = [recipe.name for recipe in thorough.recipes()]
+    assert len(names) == len(set(names)) and isinstance(thorough.make, tuple) and len(thorough.make) == 3
+    assert {r.model for r in thorough.recipes()} == {"preactresnet18_w8", "vgg19_bn_w8", "vit_p4_d6"}
+    assert {r.seed for r in thorough.recipes()} == {0, 1, 2} and {d.name for d in thorough.defenses} >= {"bdmae"}
+    assert load_grid("default").recipes() == load_grid("default").make.recipes()  # one block: the same records
+    block = {"datasets": ["fashionmnist"], "attacks": ["badnet"], "seeds": [0]}
+    path = tmp_path / "twice.yaml"
+    path.write_text(yaml.safe_dump({"make": [block, {**block, "seeds": [0, 1]}], "defenses": [{"name": "none"}]}))
+    with pytest.raises(
+        FireDefenseError, match="two blocks make the record fashionmnist_preactresnet18_w8_badnet_seed0"
+    ):
+        load_grid(path)
+    path.write_text(yaml.safe_dump({"make": [block, {**block, "sedes": [1]}], "defenses": [{"name": "none"}]}))
+    with pytest.raises(FireDefenseError, match=r"make\[1\]: unknown key\(s\) sedes"):
+        load_grid(path)
+
+
 def test_grid_errors_name_the_problem(tmp_path, records):
-    with pytest.raises(FireDefenseError, match="shipped grids: adaptive, all-to-all, default, fire, fire-check, quick"):
+    shipped = (
+        "adaptive, all-to-all, architectures, bdmae, default, fire, fire-aware, fire-check, frequency, paper, quick, "
+        "thorough"
+    )
+    with pytest.raises(FireDefenseError, match=f"shipped grids: {shipped}"):
         load_grid("nonexistent")
     bad = write_grid(tmp_path / "a.yaml", records, [{"name": "none"}], protocl={"k": 1})
     with pytest.raises(FireDefenseError, match=r"unknown key.*protocl"):
@@ -228,6 +251,19 @@ def test_interleaved_timing_stops_once_its_median_is_precise():
 
     assert run() == 9 and run(min_rounds=3, precision=0.0) == 9  # no rule, or one no median can meet
     assert run(min_rounds=3, precision=1e9) == 3  # any spread meets this one: it stops at min_rounds
+
+
+def test_a_timed_call_on_a_gpu_waits_for_the_device(monkeypatch):
+    from fire_bench.timing import synchronized
+
+    def call() -> str:
+        return "done"
+
+    assert synchronized(call, torch.device("cpu")) is call  # the CPU runs synchronously: nothing to wait for
+    events: list[str] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device: events.append(f"sync {device}"))
+    waited = synchronized(lambda: events.append("call") or "done", torch.device("cuda:0"))
+    assert waited() == "done" and events == ["call", "sync cuda:0"]
 
 
 def test_an_atomic_write_leaves_the_old_file_or_the_new_one(tmp_path):

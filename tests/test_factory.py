@@ -11,7 +11,8 @@ import torch
 from fire_adapters import factory as factory_module
 from fire_adapters import load_record
 from fire_adapters.__main__ import main
-from fire_adapters.factory import RecordRecipe, load_attack, make_record, make_records, summary_csv
+from fire_adapters.attacks import create_attack
+from fire_adapters.factory import RecordRecipe, load_attack, make_record, make_records, model_training, summary_csv
 from fire_adapters.training import TrainConfig, augment
 from fire_defense import FireDefenseError
 
@@ -65,6 +66,11 @@ def test_a_finished_record_is_never_rebuilt(data, tmp_path, monkeypatch):
     )
     with pytest.raises(FireDefenseError, match=r"made from another recipe.*--overwrite"):
         make_record(other, tmp_path, data_root=data, progress=False)
+    # the same recipe, but the attack's default changed since the record was made: another trigger, not this record
+    changed = recipe().create_attack().params() | {"patch_size": 5}
+    monkeypatch.setattr(RecordRecipe, "create_attack", lambda self: create_attack("badnet", **changed))
+    with pytest.raises(FireDefenseError, match=r"badnet settings its defaults no longer give \(patch_size changed\)"):
+        make_record(recipe(), tmp_path, data_root=data, progress=False)
 
 
 def test_a_recipe_cannot_set_what_it_sets_itself():
@@ -137,6 +143,19 @@ def test_cli_makes_records_and_reports_them(data, tmp_path, capsys):
     assert shown.count("(cached)") == 0 and capsys.readouterr().out.count("(cached)") == 2
     assert main([*argv[:2], "nonsense", *argv[3:]]) == 2
     assert "unknown attack 'nonsense'" in capsys.readouterr().err
+
+
+def test_cli_trains_each_model_by_its_own_recipe_unless_told_otherwise(tmp_path, monkeypatch):
+    import fire_adapters.__main__ as cli
+
+    made: list[RecordRecipe] = []
+    monkeypatch.setattr(cli, "make_records", lambda recipes, *args: made.extend(recipes) or [])
+    argv = ["make-records", "--attacks", "badnet", "--out", str(tmp_path)]
+    assert main([*argv, "--model", "vit_p4_d6"]) == 0  # the zoo's recipe: AdamW, its own rate and epochs
+    assert made[-1].train == model_training("vit_p4_d6") and made[-1].train.optimizer == "adamw"
+    assert main([*argv, "--model", "vit_p4_d6", "--epochs", "3", "--optimizer", "sgd"]) == 0  # the options win
+    assert made[-1].train == model_training("vit_p4_d6", {"epochs": 3, "optimizer": "sgd"})
+    assert main(argv) == 0 and made[-1].train == TrainConfig()  # the default model: TrainConfig's defaults
 
 
 def test_cli_makes_an_all_to_all_record_under_its_own_name(data, tmp_path, capsys):

@@ -572,3 +572,105 @@ def test_holdout_choice_scores_every_candidate_on_held_out_inputs(backdoored):
         assert 0 <= score["moved"] <= 1 and 0 <= score["disturbed"] <= 1
     assert scores[fire.layers_[0]]["holdout"] == max(s["holdout"] for s in scores.values())
     assert (predict(fire, poisoned_x) == poisoned_y.numpy()).mean() > 0.8
+
+
+# --- the default's cost: the first pass as head and rest, the held-out choice from the kept activations -----------
+
+
+def test_the_first_pass_as_head_and_rest_gives_the_hooked_passes_logits_bit_for_bit(backdoored):
+    model, reference, seen, test_x, _, poisoned_x, _ = backdoored
+    output_layer = [module for module in model.modules() if next(module.children(), None) is None][-1]
+    x, rows = torch.cat([test_x[:60], poisoned_x[:60]]), []
+    for quantiles in ((None,), (0.5,)):
+        fire = FIRE(model, layers="layer2", gate_quantiles=quantiles).fit(reference, poisoned=seen)
+        module, results = fire.module(), {}
+        counter = output_layer.register_forward_hook(lambda _, args, out: rows.append(len(out)))
+        with torch.inference_mode():
+            for path in ("head and rest", "hooked"):
+                hook = model.register_forward_pre_hook(lambda *_: None) if path == "hooked" else None
+                assert module._split() == (hook is None)  # a hook on the model itself sees every pass, as before
+                scores: dict[str, torch.Tensor] = {}
+                results[path] = (module(x, scores), scores["layer2"], list(rows))
+                rows.clear()
+                if hook is not None:
+                    hook.remove()
+        counter.remove()
+        (split, split_scores, split_rows), (hooked, hooked_scores, hooked_rows) = results.values()
+        assert torch.equal(split, hooked) and torch.equal(split_scores, hooked_scores), quantiles
+        assert split_rows == hooked_rows and split_rows[0] == len(x) and 0 < split_rows[1] < len(x)  # the selected
+        assert not torch.equal(split, model(x))  # the second pass repaired some of them
+
+
+def test_fire_reuses_its_module_and_follows_a_new_fit(synthetic):
+    model, clean, test, _ = synthetic
+    fire = FIRE(model, layers="encoder", condition="target").fit(clean, trigger=trigger)
+    with torch.inference_mode():
+        fire(trigger(test))  # the module is made here and kept
+        fire.fit(clean, poisoned=trigger(test[:3]) * 2)  # other directions: a new module
+        fresh = FIRE(model, layers="encoder", condition="target").fit(clean, poisoned=trigger(test[:3]) * 2)
+        assert torch.equal(fire(trigger(test)), fresh(trigger(test)))
+        huge = torch.full((1, D_IN), 3e38)  # finite, though its sum is not: accepted
+        assert fire(huge).shape == (1, CLASSES)
+    with pytest.raises(FireDefenseError, match="NaN or infinite"):
+        fire(torch.cat([huge, torch.full((1, D_IN), float("inf"))]))
+
+
+def test_the_held_out_choice_from_kept_activations_equals_the_one_from_whole_passes(backdoored, monkeypatch):
+    from fire_defense.split import rests_after
+
+    model, reference, seen, *_ = backdoored
+    rests, activation = rests_after(model, candidate_layers(model)), []  # one trace, a rest after each stage
+    with torch.inference_mode():
+        for layer, rest in rests.items():
+            handle = model.get_submodule(layer).register_forward_hook(lambda _, args, out: activation.append(out))
+            logits = model(reference[:8])
+            handle.remove()
+            assert torch.equal(rest(activation.pop()), logits), layer
+    resumed = FIRE(model).fit(reference, poisoned=seen)
+    monkeypatch.setattr("fire_defense.selection.rests_after", lambda _, layers: dict.fromkeys(layers))  # no cut
+    whole = FIRE(model).fit(reference, poisoned=seen)
+    assert (resumed.layers_, resumed.gate_quantile_) == (whole.layers_, whole.gate_quantile_)
+    for layer, scores in whole.layer_scores_.items():
+        assert resumed.layer_scores_[layer] == pytest.approx(scores, abs=1e-6), layer
+    stats = resumed.stats_[resumed.layers_[0]]
+    again = FIRE(model, layers=resumed.layers_).fit(reference, poisoned=seen)  # the chosen layer's own statistics
+    assert torch.equal(stats.sums["clean"], again.stats_[resumed.layers_[0]].sums["clean"])
+
+
+def test_held_out_statistics_taken_out_of_the_whole_equal_those_added_afresh():
+    from fire_defense.statistics import LayerStatistics
+
+    clean, poisoned = torch.randn(50, 3, 4, 4), torch.randn(5, 3, 4, 4) + 1.0
+    whole = LayerStatistics(clean.shape[1:], clean.dtype, keep_poisoned=True)
+    for batch in clean.split(16):
+        whole.add("clean", batch)
+    whole.add("poisoned", poisoned)
+    fresh = LayerStatistics(clean.shape[1:], clean.dtype, keep_poisoned=True)
+    fresh.add("clean", clean[:40])
+    fresh.add("poisoned", poisoned)
+    held = whole.holdout(40)  # 10 held out: taken out of the whole
+    assert held.counts == fresh.counts and torch.equal(held.clean_activations(), fresh.clean_activations())
+    for name in ("sums", "channel_sums", "channel_squares"):
+        for stream in ("clean", "poisoned"):
+            torch.testing.assert_close(getattr(held, name)[stream], getattr(fresh, name)[stream], rtol=1e-12, atol=1e-9)
+
+
+def test_a_gate_set_or_cleared_in_place_is_followed_by_the_module(backdoored):
+    model, reference, seen, test_x, _, poisoned_x, _ = backdoored
+    x = torch.cat([test_x[:60], poisoned_x[:60]])
+    gated = FIRE(model, layers="layer2", gate_quantiles=(0.5,)).fit(reference, poisoned=seen)
+    ungated = FIRE(model, layers="layer2", gate_quantiles=(None,)).fit(reference, poisoned=seen)
+    module = gated.module()
+    with torch.inference_mode():
+        before = module(x)
+        assert not torch.equal(before, ungated(x))  # the gate leaves some selected inputs alone
+    threshold = module.repairs[0].select_threshold
+    with torch.inference_mode(False), torch.no_grad():
+        saved = threshold.clone()
+        threshold.fill_(float("-inf"))  # in place, as partial_fit and load_state_dict change it
+    with torch.inference_mode():
+        assert torch.equal(module(x), ungated(x))
+    with torch.inference_mode(False), torch.no_grad():
+        threshold.copy_(saved)
+    with torch.inference_mode():
+        assert torch.equal(module(x), before)

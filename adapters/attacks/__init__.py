@@ -10,12 +10,16 @@ from fire_adapters.attacks.badnet import BadNet
 from fire_adapters.attacks.base import ATTACKS, Attack, create_attack, list_attacks, register_attack
 from fire_adapters.attacks.blended import Blended
 from fire_adapters.attacks.bpp import BppAttack
+from fire_adapters.attacks.ctrl import CTRL
+from fire_adapters.attacks.fire_aware import FireAware as FireAware  # registers fire-aware
+from fire_adapters.attacks.ftrojan import FTrojan
 from fire_adapters.attacks.inputaware import InputAware
 from fire_adapters.attacks.sig import SIG
 from fire_adapters.attacks.wanet import WaNet
 
 __all__ = [
     "ATTACKS",
+    "CTRL",
     "SIG",
     "AdapBlend",
     "AdapPatch",
@@ -23,6 +27,7 @@ __all__ = [
     "BadNet",
     "Blended",
     "BppAttack",
+    "FTrojan",
     "InputAware",
     "WaNet",
     "create_attack",

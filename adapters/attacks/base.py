@@ -155,6 +155,17 @@ class Attack:
         """
         return images, labels, None
 
+    def feature_layers(self, model: nn.Module) -> list[str]:
+        """Names in ``model.named_modules()`` whose outputs :meth:`feature_loss` gets; none by default."""
+        return []
+
+    def feature_loss(self, features: dict[str, torch.Tensor], poisoned: torch.Tensor) -> torch.Tensor | None:
+        """A loss on the batch's activations at :meth:`feature_layers` (with their graph), added to the victim's.
+
+        Called after each forward pass with ``poisoned`` the batch's mask; ``None`` (the default) adds nothing.
+        """
+        return None
+
     def trigger_networks(self) -> nn.Module | None:
         """Networks that make the trigger (saved in :meth:`state_dict`, moved to the training device)."""
         return None

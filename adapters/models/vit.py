@@ -5,7 +5,8 @@ image (MNIST, Fashion-MNIST), 8x8 = 64 on a 32-pixel one (CIFAR, GTSRB). The zoo
 from its name and class count alone (a record stores nothing else), so one model must take both
 sizes: it is built for 32 pixels with timm's ``dynamic_img_size=True``, which resamples the
 position embedding (bicubic, 8x8 to 7x7) to the grid of the image it is given. Any size divisible
-by 4 works; its stages for FIRE are ``blocks.0`` ... ``blocks.5``.
+by 4 works; its stages for FIRE are ``blocks.0`` ... ``blocks.5``. It does not learn under the
+factory's default SGD recipe; the zoo gives it its own (AdamW; ``fire_adapters.models.zoo.TRAINING``).
 """
 
 from __future__ import annotations

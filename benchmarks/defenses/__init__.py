@@ -5,6 +5,7 @@ registers them all. ``create_defense("strip")``, ``list_defenses()``.
 """
 
 from fire_bench.defenses import (  # noqa: F401
+    bdmae,
     clipping,
     correction,
     feature_reset,

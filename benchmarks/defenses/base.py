@@ -268,14 +268,14 @@ class RuntimeDefense(ABC):
         """
         if not isinstance(threshold, Threshold):
             return Decision(torch.where(scores > threshold, torch.full_like(labels, REJECTED), labels), scores)
-        value = torch.tensor(threshold.value, dtype=torch.float32)
+        value = torch.tensor(threshold.value, dtype=torch.float32, device=scores.device)
         scores32 = scores.float()
-        reject = scores32 > value.to(scores.device)
+        reject = scores32 > value
         if threshold.tie >= 1:
-            reject |= scores32 == value.to(scores.device)
+            reject |= scores32 == value
         elif threshold.tie > 0:
             draws = torch.rand(len(scores), generator=self.generator_).to(scores.device)
-            reject |= (scores32 == value.to(scores.device)) & (draws < threshold.tie)
+            reject |= (scores32 == value) & (draws < threshold.tie)
         return Decision(torch.where(reject, torch.full_like(labels, REJECTED), labels), scores)
 
 
