@@ -454,7 +454,7 @@ class Grid:
             raise FireDefenseError("list at least one defense under 'defenses'.")
         if self.make is not None:
             names = [recipe.name for recipe in self.recipes()]
-            repeated = sorted({name for name in names if names.count(name) > 1})
+            repeated = sorted(name for name, count in collections.Counter(names).items() if count > 1)
             if repeated:
                 raise FireDefenseError(f"make: two blocks make the record {repeated[0]}; remove it from one of them.")
 

@@ -44,7 +44,7 @@ from fire_defense.errors import FireDefenseError, NotFittedError, first_line, to
 from fire_defense.layers import HookHandles, candidate_layers, capture_activations, resolve_layers, tensor_output
 from fire_defense.repair import REPAIRS, LayerRepair, TargetCondition, apply_repair, build_repair, repair_hook
 from fire_defense.selection import SELECTIONS, WEIGHTS, choose_layer, gate_threshold
-from fire_defense.split import split_at
+from fire_defense.split import hooks_on_path, split_at
 from fire_defense.statistics import LayerStatistics
 
 __all__ = ["FIRE", "MODES", "RepairedModel"]
@@ -829,10 +829,9 @@ class RepairedModel(nn.Module):
         return cached[1]
 
     def _split(self) -> bool:
-        """Whether the first pass can run as ``rest(head(x))``: one layer, a head, and no hook on the model itself."""
-        model = self.model
-        hooked = model._forward_hooks or model._forward_pre_hooks or _global_module_hooks()
-        return self._head is not None and len(self.layers) == 1 and not hooked
+        """Whether the first pass can run as ``rest(head(x))``: one layer, a head, and no hook that the cut would
+        skip (on the model or a module the trace inlines on the way to the layer, or a global one)."""
+        return self._head is not None and len(self.layers) == 1 and not hooks_on_path(self.model, self.layers)
 
     def forward(self, x: torch.Tensor, scores: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """Repaired logits; ``scores``, if given, gets each layer's projection score of the first pass."""
@@ -887,10 +886,3 @@ class RepairedModel(nn.Module):
         if not len(rows):
             return logits
         return logits.index_put((rows,), rest(repair(output[rows])))
-
-
-def _global_module_hooks() -> bool:
-    """Whether a global forward hook (``register_module_forward_hook``) is set: it sees every module call."""
-    from torch.nn.modules import module
-
-    return bool(module._global_forward_hooks or module._global_forward_pre_hooks)

@@ -34,7 +34,7 @@ from fire_defense.errors import FireDefenseError
 from fire_defense.layers import HookHandles
 from fire_defense.metrics import predict
 from fire_defense.repair import LayerRepair, TargetCondition, repair_hook
-from fire_defense.split import rests_after
+from fire_defense.split import hooks_on_path, rests_after
 from fire_defense.statistics import LayerStatistics
 
 __all__ = ["SELECTIONS", "WEIGHTS", "LayerChoice", "choose_layer"]
@@ -188,7 +188,7 @@ def _holdout_choice(
         repairs = [build(layer, fit_stats.leave_out(i) if len(poisoned) > 1 else fit_stats) for i in rows]
         # the passes resume from the kept (float32) activations where the model cuts there and they are exact
         exact = stats.dtype in (torch.float32, torch.float16, torch.bfloat16)
-        rest = rests[layer] if exact else None
+        rest = rests[layer] if exact and not hooks_on_path(model, [layer]) else None  # else a hook would be skipped
         if rows:
             with torch.inference_mode():
                 if rest is not None:

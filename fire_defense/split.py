@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-__all__ = ["rests_after", "split_at", "suffix_after"]
+__all__ = ["hooks_on_path", "rests_after", "split_at", "suffix_after"]
 
 
 class _AncestorTracer(fx.Tracer):
@@ -31,6 +31,20 @@ class _AncestorTracer(fx.Tracer):
 
     def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
         return qualified_name not in self.ancestors
+
+
+def hooks_on_path(model: nn.Module, layers: Sequence[str]) -> bool:
+    """Whether a forward hook would be skipped by a cut at ``layers``: one on ``model`` or on a module the trace
+    inlines on the way to them (their ancestors), or a global one (``register_module_forward_hook``). The layers'
+    own hooks, and those of every module called whole, still run in ``head`` and ``rest``."""
+    from torch.nn.modules import module as torch_module
+
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return True
+    ancestors = {".".join(layer.split(".")[:depth]) for layer in layers for depth in range(len(layer.split(".")))}
+    return any(
+        (found := model.get_submodule(name))._forward_hooks or found._forward_pre_hooks for name in sorted(ancestors)
+    )
 
 
 def split_at(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.GraphModule, fx.GraphModule] | None:

@@ -229,6 +229,8 @@ def test_bad_attack_arguments():
         create_attack("badnet", "cifar10", target=10)
     with pytest.raises(FireDefenseError, match=r"ratio must be in \(0, 1\]"):
         create_attack("blended", "cifar10", ratio=0)
+    with pytest.raises(FireDefenseError, match="dithering must be True or False, got 'false'"):
+        create_attack("bpp", "cifar10", dithering="false")  # a YAML string is truthy: refused, not dithered
     with pytest.raises(FireDefenseError, match="attack 'badnet' takes no alpha; its parameters: patch_size"):
         create_attack("badnet", "cifar10", alpha=0.2)
     assert sorted(ATTACKS.names()) == [

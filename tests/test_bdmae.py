@@ -131,3 +131,13 @@ def test_bad_settings_and_inputs_are_refused(tiny, defense, tmp_path):
     broken.use_clean_train(images)
     with pytest.raises(FireDefenseError, match="delete it to train it again"):
         broken.fit(tiny.model, tiny.reference[:20])
+
+
+def test_an_empty_cached_mae_file_is_one_line(tmp_path):
+    from fire_bench.defenses.mae import MAERecipe, recipe_key, trained_mae
+
+    images = np.zeros((4, 8, 8, 1), dtype=np.uint8)
+    recipe = MAERecipe(patch=4, epochs=1)
+    (tmp_path / f"mae-{recipe_key(images, recipe)}.pt").write_bytes(b"")  # an interrupted or emptied cache file
+    with pytest.raises(FireDefenseError, match=r"is not this MAE .*delete it to train it again\.$"):
+        trained_mae(images, recipe, str(tmp_path))

@@ -94,3 +94,28 @@ def test_fires_second_pass_resumes_after_the_repaired_layer_and_matches_the_whol
         torch.testing.assert_close(copy.deepcopy(module).double()(x.double()).float(), resumed)
     counter.remove()
     assert not any(name.startswith("resume") for name in module.state_dict())  # the model's weights held once
+
+
+def test_a_hook_the_cut_would_skip_keeps_fire_on_the_whole_model():
+    from fire_defense.split import hooks_on_path, split_at
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)).eval()
+    _, head, rest = split_at(model, ["0.1"])
+    calls: list[str] = []
+    handle = model[0].register_forward_hook(lambda *_: calls.append("block"))  # the trace inlines model[0]
+    rest(head(torch.randn(3, 4)))
+    assert calls == [] and hooks_on_path(model, ["0.1"])  # the cut skips it, and says so
+    handle.remove()
+    assert not hooks_on_path(model, ["0.1"])
+    layer_hook = model[0][1].register_forward_hook(lambda *_: calls.append("layer"))  # the layer's own: called
+    assert not hooks_on_path(model, ["0.1"])
+    rest(head(torch.randn(3, 4)))
+    assert calls == ["layer"]
+    layer_hook.remove()
+    # FIRE's repaired forward falls back to the hooked whole pass, so the block's hook sees its call
+    x, poisoned = torch.randn(64, 4), torch.randn(8, 4) + 3
+    fire = FIRE(model, layers=["0.1"]).fit(x, poisoned=poisoned)
+    expected = fire(x)
+    model[0].register_forward_hook(lambda *_: calls.append("block"))
+    assert torch.equal(fire(x), expected) and "block" in calls

@@ -95,6 +95,6 @@ class FireAware(Attack):
     def feature_loss(self, features: dict[str, torch.Tensor], poisoned: torch.Tensor) -> torch.Tensor | None:
         """``weight`` x the mean over the stages of :func:`mean_gap` between the batch's poisoned and clean samples."""
         gaps = [gap for gap in (mean_gap(value, poisoned) for value in features.values()) if gap is not None]
-        if not gaps or self.weight == 0:
+        if not gaps:
             return None
         return self.weight * torch.stack(gaps).mean()

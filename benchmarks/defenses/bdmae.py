@@ -147,7 +147,8 @@ class BDMAE(RuntimeDefense):
         return MAERecipe(patch=self.patch, epochs=self.epochs, max_images=self.max_images, seed=self.mae_seed)
 
     def use_clean_train(self, images: np.ndarray) -> None:
-        """Train (or load) the MAE on ``images``, the dataset's clean training split, uint8 ``(N, H, W, C)``."""
+        """Give the next :meth:`fit` the dataset's clean training split (uint8 ``(N, H, W, C)``): it trains (or loads)
+        its MAE on it; a fit without it trains one on the clean reference."""
         if not isinstance(images, np.ndarray) or images.dtype != np.uint8 or images.ndim != 4 or not len(images):
             raise FireDefenseError("bdmae: the clean training split must be a non-empty uint8 (N, H, W, C) array.")
         self.clean_train_ = images
@@ -190,6 +191,7 @@ class BDMAE(RuntimeDefense):
             mae = train_mae(clean.float().cpu(), self.recipe, desc="bdmae: training the MAE on the clean reference")
             self.mae_path_, self.mae_cached_ = None, False
             self.setting_ = f"MAE on the {len(clean)} clean reference images"
+        self.clean_train_ = None  # used once: a later fit gets its own split, or trains on its clean reference
         self.mae_: MAE = mae.to(module_device(self.model_))
         self.shape_ = tuple(clean.shape[1:])
         grid = self.mae_.grid

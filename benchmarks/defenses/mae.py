@@ -31,6 +31,7 @@ from torch import nn
 from fire_adapters.datasets import user_cache_dir
 from fire_bench.atomic import write_atomically
 from fire_defense import FireDefenseError
+from fire_defense.errors import torch_load_reason
 from fire_defense.progress import progress_bar
 
 __all__ = ["MAE", "MAERecipe", "default_mae_dir", "recipe_key", "train_mae", "trained_mae"]
@@ -160,14 +161,19 @@ def _random_masks(n: int, tokens: int, ratio: float, generator: torch.Generator)
     return ranks < removed
 
 
+def _new_mae(channels: int, size: int, recipe: MAERecipe) -> MAE:
+    """An untrained :class:`MAE`, initialised from ``recipe.seed`` without touching the global random state."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.seed)
+        return MAE(channels, size, recipe)
+
+
 def train_mae(images: torch.Tensor, recipe: MAERecipe, desc: str = "bdmae: training the MAE") -> MAE:
     """A :class:`MAE` trained on ``images`` (``(N, C, H, W)`` in ``[0, 1]``) as ``recipe`` says, seeded."""
     generator = torch.Generator().manual_seed(recipe.seed)
     if len(images) > recipe.max_images:
         images = images[torch.randperm(len(images), generator=generator)[: recipe.max_images].sort().values]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.seed)
-        mae = MAE(images.shape[1], images.shape[-1], recipe)
+    mae = _new_mae(images.shape[1], images.shape[-1], recipe)
     optimizer = torch.optim.AdamW(mae.parameters(), lr=recipe.lr, weight_decay=0.05, betas=(0.9, 0.95))
     steps = recipe.epochs * math.ceil(len(images) / recipe.batch)
     warmup = max(1, steps // 20)
@@ -219,12 +225,12 @@ def trained_mae(images: np.ndarray, recipe: MAERecipe, folder: str | Path | None
     path = Path(folder if folder is not None else default_mae_dir()) / f"mae-{recipe_key(images, recipe)}.pt"
     shape = (images.shape[3], images.shape[1])
     if path.is_file():
-        mae = MAE(*shape, recipe)
+        mae = _new_mae(*shape, recipe)
         try:
             mae.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         except Exception as error:  # noqa: BLE001 - a damaged or foreign file raises many types (UnpicklingError, ...)
             raise FireDefenseError(
-                f"bdmae: {path} is not this MAE ({str(error).splitlines()[0]}); delete it to train it again."
+                f"bdmae: {path} is not this MAE ({torch_load_reason(error)}); delete it to train it again."
             ) from None
         return mae.eval().requires_grad_(False), path, True
     x = torch.from_numpy(images).permute(0, 3, 1, 2).float().div(255)
