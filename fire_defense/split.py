@@ -2,9 +2,9 @@
 
 FIRE's target condition runs the model once unrepaired, then again, repaired, for the inputs it
 selects. Everything before the first repaired layer is the same in both passes, so the second
-pass can start from the activation the first one stored at that layer. :func:`suffix_after`
-builds that rest of the model with ``torch.fx`` (:func:`split_at` also the head before it, so the
-first pass can run as ``rest(head(x))`` and keep the layer's output without a hook): only the
+pass can start from the activation the first one stored at that layer. :func:`split_at` builds
+that rest of the model with ``torch.fx``, and the head before it, so the first pass can run as
+``rest(head(x))`` and keep the layer's output without a hook: only the
 ``forward`` methods of the modules that contain a repaired layer are traced, every other submodule
 (the repaired layers included) is called as it is, so forward hooks on the repaired layers still
 fire in the suffix. Where the model cannot be split there (it does not trace, or a value computed
@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from torch import fx, nn
 
-__all__ = ["hooks_on_path", "rests_after", "split_at", "suffix_after"]
+__all__ = ["hooks_on_path", "rests_after", "split_at"]
 
 
 class _AncestorTracer(fx.Tracer):
@@ -62,7 +62,7 @@ def split_at(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.GraphModu
 
 
 def rests_after(model: nn.Module, layers: Sequence[str]) -> dict[str, fx.GraphModule | None]:
-    """``{layer: rest}`` for each of ``layers`` on its own (``rest``: as :func:`suffix_after`'s; ``None`` where
+    """``{layer: rest}`` for each of ``layers`` on its own (``rest``: as :func:`split_at`'s; ``None`` where
     the model cannot be cut there), from one trace in which every one of them is called as it is."""
     try:
         graph = _AncestorTracer(layers).trace(model)
@@ -100,10 +100,3 @@ def _cut(model: nn.Module, graph: fx.Graph, layers: Sequence[str], head: bool = 
                 env[used] = rest.node_copy(used, env.__getitem__)
         env[node] = rest.node_copy(node, env.__getitem__)
     return str(nodes[cut].target), first, fx.GraphModule(model, rest)
-
-
-def suffix_after(model: nn.Module, layers: Sequence[str]) -> tuple[str, fx.GraphModule] | None:
-    """``(first, rest)`` of :func:`split_at`: the first of ``layers`` that ``model`` computes, and ``rest(h)``,
-    the model's output from that layer's output ``h``; ``None`` where the model cannot be cut there."""
-    split = split_at(model, layers)
-    return None if split is None else (split[0], split[2])

@@ -12,7 +12,7 @@ from fire_adapters.models import create_model
 from fire_adapters.preprocess import with_normalization
 from fire_defense import FIRE
 from fire_defense.fire import RepairedModel
-from fire_defense.split import suffix_after
+from fire_defense.split import split_at
 
 from helpers import ForwardCounter, patch, tiny_backdoored_model
 
@@ -32,7 +32,7 @@ def test_the_rest_of_a_preact_resnet_after_each_stage_gives_its_logits(layer):
     torch.manual_seed(0)
     model = with_normalization(create_model("preactresnet18_w8", num_classes=10), "fashionmnist").eval()
     x = torch.rand(4, 1, 28, 28)
-    start, rest = suffix_after(model, [layer])
+    start, _, rest = split_at(model, [layer])
     with torch.inference_mode():
         torch.testing.assert_close(rest(output_of(model, layer, x)), model(x))
     assert start == layer
@@ -42,7 +42,7 @@ def test_the_rest_of_a_preact_resnet_after_each_stage_gives_its_logits(layer):
 def test_the_rest_starts_at_the_first_layer_the_model_computes_and_fires_the_later_layers_hooks():
     torch.manual_seed(0)
     model = tiny_backdoored_model().model
-    start, rest = suffix_after(model, ["layer3", "layer2"])
+    start, _, rest = split_at(model, ["layer3", "layer2"])
     assert start == "layer2"
     x = torch.rand(3, 1, 16, 16)
     with torch.inference_mode():
@@ -76,7 +76,7 @@ class DoesNotTrace(UsesItsInputLater):
 
 @pytest.mark.parametrize("model", [UsesItsInputLater(), CallsItsLayerTwice(), DoesNotTrace()], ids=type)
 def test_no_rest_where_the_model_cannot_be_cut_at_the_layer(model):
-    assert suffix_after(model, ["a"]) is None
+    assert split_at(model, ["a"]) is None
 
 
 def test_fires_second_pass_resumes_after_the_repaired_layer_and_matches_the_whole_pass():
@@ -97,7 +97,7 @@ def test_fires_second_pass_resumes_after_the_repaired_layer_and_matches_the_whol
 
 
 def test_a_hook_the_cut_would_skip_keeps_fire_on_the_whole_model():
-    from fire_defense.split import hooks_on_path, split_at
+    from fire_defense.split import hooks_on_path
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Linear(4, 2)).eval()
