@@ -57,10 +57,13 @@ bench-quick: install data
 # the harder attacks), every defense; about 2 hours on 2 CPU cores (docs/benchmark.md). Its tables and plots
 # are copied to docs/results/thorough/, which docs/results/thorough.md presents.
 bench-thorough: install data
-	$(PY) -m fire_bench run --grid thorough --out $(RESULTS)/thorough --records-root $(RECORDS)
-	mkdir -p docs/results/thorough
-	cp $(RESULTS)/thorough/leaderboard.md $(RESULTS)/thorough/leaderboard.csv $(RESULTS)/thorough/leaderboard.html \
-	  $(RESULTS)/thorough/k_curve.csv $(RESULTS)/thorough/summary.txt $(RESULTS)/thorough/*.png docs/results/thorough/
+	for grid in thorough thorough-vit; do \
+	  $(PY) -m fire_bench run --grid $$grid --out $(RESULTS)/$$grid --records-root $(RECORDS) && \
+	  mkdir -p docs/results/$$grid && \
+	  cp $(RESULTS)/$$grid/leaderboard.md $(RESULTS)/$$grid/leaderboard.csv $(RESULTS)/$$grid/leaderboard.html \
+	    $(RESULTS)/$$grid/k_curve.csv $(RESULTS)/$$grid/summary.txt $(RESULTS)/$$grid/*.png docs/results/$$grid/ \
+	  || exit 1; \
+	done
 
 lint: install
 	$(VENV)/bin/ruff check fire_defense adapters benchmarks tests && $(VENV)/bin/ruff format --check fire_defense adapters benchmarks tests

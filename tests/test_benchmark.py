@@ -71,11 +71,20 @@ def test_shipped_grids_load_and_name_real_defenses():
 
 
 def test_a_grid_makes_records_in_blocks(tmp_path):
-    thorough = load_grid("thorough")  # blocks: every attack on one model, a few on the others
+    thorough, vit = load_grid("thorough"), load_grid("thorough-vit")  # blocks: all attacks on one model, few on others
     names = [recipe.name for recipe in thorough.recipes()]
     assert len(names) == len(set(names)) and isinstance(thorough.make, tuple) and len(thorough.make) == 3
-    assert {r.model for r in thorough.recipes()} == {"preactresnet18_w8", "vgg19_bn_w8", "vit_p4_d6"}
+    assert {r.model for r in thorough.recipes()} == {"preactresnet18_w8", "vgg19_bn_w8"}
     assert {r.seed for r in thorough.recipes()} == {0, 1, 2} and {d.name for d in thorough.defenses} >= {"bdmae"}
+    # the ViT's grid scores as the thorough grid does, with every defense but the one that needs BatchNorm
+    assert {r.model for r in vit.recipes()} == {"vit_p4_d6"} and {r.seed for r in vit.recipes()} == {0, 1, 2}
+    assert (vit.protocol, vit.seeds, vit.k_curve, vit.latency) == (
+        thorough.protocol,
+        thorough.seeds,
+        thorough.k_curve,
+        thorough.latency,
+    )
+    assert vit.defenses == tuple(d for d in thorough.defenses if d.name != "ibd-psc")
     assert load_grid("default").recipes() == load_grid("default").make.recipes()  # one block: the same records
     block = {"datasets": ["fashionmnist"], "attacks": ["badnet"], "seeds": [0]}
     path = tmp_path / "twice.yaml"
@@ -92,7 +101,7 @@ def test_a_grid_makes_records_in_blocks(tmp_path):
 def test_grid_errors_name_the_problem(tmp_path, records):
     shipped = (
         "adaptive, all-to-all, architectures, bdmae, default, fire, fire-aware, fire-check, frequency, paper, quick, "
-        "thorough"
+        "thorough, thorough-vit"
     )
     with pytest.raises(FireDefenseError, match=f"shipped grids: {shipped}"):
         load_grid("nonexistent")

@@ -251,14 +251,24 @@ class RuntimeDefense(ABC):
                 f"{self.name}: inputs must be [0, 1] images; normalisation belongs inside the model."
             )
 
-    def _layer(self, layer: str) -> str:
-        """The dotted name of ``layer`` in the model; ``'last'`` is its last stage output."""
-        if layer != "last":
+    def _layer(self, layer: str | int) -> str:
+        """The dotted name of ``layer`` in the model: a name, ``'last'`` (its last stage output) or an integer, the
+        position in its stage outputs (:func:`~fire_defense.candidate_layers`; ``2``: a PreAct-ResNet's ``layer3``),
+        a rule that carries over to other architectures where a name would not."""
+        if isinstance(layer, str) and layer != "last":
             return resolve_layers(self.model_, layer)[0]
         stages = candidate_layers(self.model_)
         if not stages:
             raise FireDefenseError(f"{self.name}: the model has no known stage outputs; name the layer.")
-        return stages[-1]
+        if layer == "last":
+            return stages[-1]
+        if isinstance(layer, bool) or not isinstance(layer, int) or not -len(stages) <= layer < len(stages):
+            raise FireDefenseError(
+                f"{self.name}: layer {layer!r} is not a stage position of this model, which has {len(stages)} "
+                f"stage outputs ({', '.join(stages)}); pass an integer from {-len(stages)} to {len(stages) - 1} "
+                "or a name."
+            )
+        return stages[layer]
 
     def _reject_above(self, labels: torch.Tensor, scores: torch.Tensor, threshold: float | Threshold) -> Decision:
         """The detector's decision: ``labels``, with inputs scoring above ``threshold`` rejected.

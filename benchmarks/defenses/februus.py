@@ -32,7 +32,8 @@ class Februus(RuntimeDefense):
     """Grad-CAM mask above ``cam_threshold``, OpenCV inpainting of radius ``inpaint_radius``, then classify.
 
     Args:
-        layer: The convolutional layer for Grad-CAM, or ``'last'`` for the last stage output.
+        layer: The layer for Grad-CAM (a convolutional map, or a transformer block's tokens): a name, ``'last'``
+            for the last stage output, or an integer, the stage's position (``2``: the third stage).
         cam_threshold: Heat (Grad-CAM normalised to [0, 1] per image) above which pixels are removed.
         inpaint_radius: Neighbourhood of Telea's inpainting, in pixels.
     """
@@ -41,7 +42,7 @@ class Februus(RuntimeDefense):
     source = "Doan et al., Februus, ACSAC 2020 (GAN inpainting replaced by OpenCV Telea)"
 
     def __init__(
-        self, *, layer: str = "last", cam_threshold: float = 0.7, inpaint_radius: int = 3, **common: int
+        self, *, layer: str | int = "last", cam_threshold: float = 0.7, inpaint_radius: int = 3, **common: int
     ) -> None:
         super().__init__(**common)
         self.layer = layer

@@ -101,7 +101,8 @@ class SentiNet(RuntimeDefense):
             ``clean_sample_num``); they are drawn from the clean reference, the rest fits the boundary.
         mask_threshold: Grad-CAM heat (min-max scaled to [0, 1] per image) at or above which a pixel
             is in the region (BackdoorBench's ``mask_cond``).
-        layer: The convolutional layer for Grad-CAM, or ``'last'`` for the last stage output.
+        layer: The layer for Grad-CAM (a convolutional map, or a transformer block's tokens): a name, ``'last'``
+            for the last stage output, or an integer, the stage's position (``2``: the third stage).
         inert: ``"occlude"``: noise in the region's place on each clean image (the paper's description);
             ``"isolate"``: the inert image is the input's region on noise (BackdoorBench).
         statistic: ``"boundary"``: signed distance above the boundary fitted on clean inputs (the paper);
@@ -125,7 +126,7 @@ class SentiNet(RuntimeDefense):
         *,
         n_samples: int = 100,
         mask_threshold: float = 0.85,
-        layer: str = "last",
+        layer: str | int = "last",
         inert: Inert = "occlude",
         statistic: Statistic = "boundary",
         bin_width: float = 0.04,
