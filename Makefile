@@ -53,16 +53,16 @@ bench: install data
 bench-quick: install data
 	$(PY) -m fire_bench run --grid quick --out $(RESULTS)/quick --records-root $(RECORDS)
 
-# The thorough grid (benchmarks/grids/thorough.yaml): 42 records (3 seeds; two datasets, three architectures,
-# the harder attacks), every defense; about 2 hours on 2 CPU cores (docs/benchmark.md). Its tables and plots
-# are copied to docs/results/thorough/, which docs/results/thorough.md presents.
+# The thorough grids (benchmarks/grids/thorough.yaml and thorough-vit.yaml): 42 records (3 seeds; two datasets,
+# three architectures, the harder attacks), every defense; the time is in docs/benchmark.md. Their tables and
+# plots are copied to docs/results/thorough/ and docs/results/thorough-vit/, which docs/results/thorough.md presents.
+THOROUGH_FILES = leaderboard.md leaderboard.csv leaderboard.html pivot.md k_curve.csv choices.md summary.txt
+
 bench-thorough: install data
 	for grid in thorough thorough-vit; do \
 	  $(PY) -m fire_bench run --grid $$grid --out $(RESULTS)/$$grid --records-root $(RECORDS) && \
 	  mkdir -p docs/results/$$grid && \
-	  cp $(RESULTS)/$$grid/leaderboard.md $(RESULTS)/$$grid/leaderboard.csv $(RESULTS)/$$grid/leaderboard.html \
-	    $(RESULTS)/$$grid/k_curve.csv $(RESULTS)/$$grid/summary.txt $(RESULTS)/$$grid/*.png docs/results/$$grid/ \
-	  || exit 1; \
+	  cp $(addprefix $(RESULTS)/$$grid/,$(THOROUGH_FILES)) $(RESULTS)/$$grid/*.png docs/results/$$grid/ || exit 1; \
 	done
 
 lint: install

@@ -47,7 +47,8 @@ _EXACT = {
         "process's resident set on the CPU), from the latency phase"
     ),
     "fit_s": "seconds to fit the defense on the defender's data, from the latency phase",
-    "seeds": "protocol seeds averaged into the row",
+    "seeds": "cells averaged into the row: record seeds x protocol seeds",
+    "records": "records (of the same attack, one per record seed) among the row's cells",
     "rank": "position in the current sort",
     "rows": "rows (attacks x datasets x backbones) averaged into the ranking line",
 }
@@ -63,7 +64,7 @@ _PATTERNS = (
         "timed alternately in the same rounds (1.00 = no overhead; the latency check says whether to trust it)",
     ),
     (r"latency_b(\d+)_rounds", "interleaved timing rounds behind latency_b{0}_ms"),
-    (r"(\w+)_std", "standard deviation of {0} over the protocol seeds"),
+    (r"(\w+)_std", "standard deviation of {0} over the row's cells (record seeds x protocol seeds)"),
     (r"(\w+)_ci_(low|high)", "{1} end of the confidence interval of {0} (shown in that column, not on its own)"),
 )
 _INTERVALS = (
@@ -99,7 +100,8 @@ def _protocol(board: Sequence[dict[str, Any]]) -> str:
     described = f" ({'; '.join(splits)})" if splits else ""
     return (
         "Protocol: every defense is fitted on the defender's data only and scored on held-out evaluation inputs it "
-        f"never saw{described}; each row is one record and defense, averaged over its protocol seeds."
+        f"never saw{described}; each row is one attack and defense on one dataset and backbone, averaged over its "
+        "record seeds and protocol seeds."
     )
 
 

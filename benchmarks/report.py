@@ -1,9 +1,12 @@
 """The benchmark's outputs: the leaderboard (Markdown, CSV, a sortable HTML page), the k-curve, plots, a summary.
 
-Rows aggregate a record's cells over the protocol seeds: the mean, the standard deviation in
-``*_std`` columns, and a 95% interval in ``<metric>_ci_low`` / ``<metric>_ci_high`` for the rates
-and DER (:mod:`fire_bench.intervals`: a cell's Wilson or bootstrap interval, or the t-interval across several cells;
-the Markdown shows ``value ± half-width``). BackdoorBench's columns come first (``dataset,
+Rows aggregate the cells of one dataset, backbone, attack (the record's label: ``badnet-all2all`` is not
+``badnet``), ratio and defense over the protocol seeds and the record seeds (records that differ only in
+their seed, as a grid's ``make`` block trains them): the mean, the standard deviation in ``*_std``
+columns, ``seeds`` (the cells) and ``records`` (the records among them), and a 95% interval in
+``<metric>_ci_low`` / ``<metric>_ci_high`` for the rates and DER (:mod:`fire_bench.intervals`: a cell's
+Wilson or bootstrap interval, or the t-interval across several cells; the Markdown shows
+``value ± half-width``). BackdoorBench's columns come first (``dataset,
 backbone, attack_name, defense_name, ratio, test_acc, test_asr, test_ra``), then ours: DER
 against the undefended model on the same record and seed, detection figures (TPR, FPR, AUROC) where a defense rejects or
 scores, forward passes per sample, then the latency phase's measurements of that defense on the
@@ -11,8 +14,10 @@ same dataset and backbone (latency per sample at each batch size and its ratio t
 model, peak memory, fitting time). The summary says whether the latency can be trusted: the
 undefended model timed against itself must read 1.00 +- :data:`LATENCY_TOLERANCE`.
 
-The Markdown/CSV writers here are the only ones (``fire_bench.fire_report`` uses them too); the HTML page is
-``fire_bench.page``, the plots ``fire_bench.plots``.
+``pivot.md`` is the leaderboard as a defense x attack table per dataset and backbone; ``choices.md`` lists
+where each defense that chooses a layer or setting on defender data (FIRE) acted, per record and seed.
+The Markdown/CSV writers here are the only ones (``fire_bench.fire_report`` uses them too); the HTML page
+is ``fire_bench.page``, the plots ``fire_bench.plots``.
 """
 
 from __future__ import annotations
@@ -36,9 +41,11 @@ if TYPE_CHECKING:
 __all__ = [
     "LATENCY_TOLERANCE",
     "cell_text",
+    "choices",
     "latency_check",
     "leaderboard",
     "markdown_table",
+    "pivot_markdown",
     "write_csv",
     "write_outputs",
 ]
@@ -51,6 +58,7 @@ K_CURVE_COLUMNS = (
     "attack_name", "record", "seed", "k", "layers", *METRICS, "der",
     *(f"{m}{s}" for m in (*METRICS, "der") for s in CI_SUFFIXES),
 )  # fmt: skip
+CHOICE_COLUMNS = ("dataset", "backbone", "attack_name", "record", "seed", "defense_name", "layers", "setting")
 LATENCY_TOLERANCE = 0.05
 
 
@@ -65,9 +73,9 @@ def _timed(timings: Sequence[dict[str, Any]]) -> dict[tuple[str, str, str], dict
 
 
 def leaderboard(rows: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]] = ()) -> list[dict[str, Any]]:
-    """One row per record and defense of the leaderboard's cells: means over seeds, ``*_std`` spreads, 95%
-    intervals (:func:`fire_bench.intervals.across_cells`), in the grid's order, with the latency phase's
-    measurements of the same dataset, backbone and defense."""
+    """One row per dataset, backbone, attack, ratio and defense of the leaderboard's cells (pooling record seeds
+    and protocol seeds): means, ``*_std`` spreads, 95% intervals (:func:`fire_bench.intervals.across_cells`), in
+    the grid's order, with the latency phase's measurements of the same dataset, backbone and defense."""
     return _board(with_der(rows), timings)
 
 
@@ -77,10 +85,10 @@ def _board(scored: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]]) 
     groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
     for row in scored:
         if row["table"] == "leaderboard":
-            groups[(row["record"], *(row[k] for k in KEYS))].append(row)
+            groups[tuple(row[k] for k in KEYS)].append(row)
     numeric = ["test_acc", "test_asr", "test_ra", "der", "tpr", "fpr", "auroc", "forward_passes"]
     board = []
-    for (_, *keys), members in groups.items():
+    for keys, members in groups.items():
         entry: dict[str, Any] = dict(zip(KEYS, keys, strict=True))
         for column in numeric:
             scored = [r for r in members if r.get(column) is not None]
@@ -94,10 +102,44 @@ def _board(scored: Sequence[dict[str, Any]], timings: Sequence[dict[str, Any]]) 
                 if low is not None:
                     entry[f"{column}_ci_low"], entry[f"{column}_ci_high"] = low, high
         entry.update(timed.get((entry["dataset"], entry["backbone"], entry["defense_name"]), {}))
-        entry["seeds"] = len(members)
+        entry["seeds"], entry["records"] = len(members), len({r["record"] for r in members})
         entry["split"] = members[0]["split"]
         board.append(entry)
     return board
+
+
+def pivot_markdown(board: Sequence[dict[str, Any]]) -> str:
+    """The leaderboard as a reader scans it: one table per dataset and backbone, a row per defense, a column per
+    attack, each cell ``clean accuracy / ASR / PA`` (%, the row's means), and the mean over the attacks."""
+    parts = []
+    for dataset, backbone in dict.fromkeys((r["dataset"], r["backbone"]) for r in board):
+        rows = [r for r in board if (r["dataset"], r["backbone"]) == (dataset, backbone)]
+        attacks = list(dict.fromkeys(r["attack_name"] for r in rows))
+        cells = {(r["defense_name"], r["attack_name"]): r for r in rows}
+        lines = [
+            f"## {dataset}, {backbone}",
+            "",
+            "| defense | " + " | ".join(attacks) + " | mean |",
+            "|---|" + "---|" * (len(attacks) + 1),
+        ]
+        for defense in dict.fromkeys(r["defense_name"] for r in rows):
+            found = [cells[defense, a] for a in attacks if (defense, a) in cells]
+            shown = [_triple(cells.get((defense, attack))) for attack in attacks]
+            mean = {m: float(np.mean([r[m] for r in found])) for m in METRICS}
+            lines.append(f"| {defense} | " + " | ".join(shown) + f" | {_triple(mean)} |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def _triple(row: dict[str, Any] | None) -> str:
+    """``clean / ASR / PA`` of a row in percent, one decimal; empty where the defense has no row."""
+    return "" if row is None else " / ".join(f"{100 * row[m]:.1f}" for m in METRICS)
+
+
+def choices(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The leaderboard cells of defenses that chose a layer or a setting on defender data (``layers`` /
+    ``setting`` not empty), in the grid's order: where FIRE acted on each record, and the like."""
+    return [r for r in rows if r["table"] == "leaderboard" and (r.get("layers") or r.get("setting"))]
 
 
 def latency_check(timings: Sequence[dict[str, Any]], tolerance: float = LATENCY_TOLERANCE) -> str:
@@ -189,6 +231,16 @@ def write_outputs(grid: Grid, results: GridResults, out: Path, seconds: float) -
         write_csv(curve, K_CURVE_COLUMNS, out / "k_curve.csv")
         (out / "k_curve.md").write_text(markdown_table(curve, K_CURVE_COLUMNS))
         plots.append(plot_k_curve(curve, out / "k_curve.png"))
+    (out / "pivot.md").write_text(
+        f"# Defenses x attacks: {grid.name}\n\nClean accuracy / ASR / PA (%), each the mean over the row's cells "
+        "(record seeds x protocol seeds); `leaderboard.md` has every figure with its 95% interval.\n\n"
+        + pivot_markdown(board)
+    )
+    (out / "choices.md").write_text(
+        f"# What each defense chose: {grid.name}\n\nThe layers (and settings) each defense that chooses them "
+        "picked on its defender data, per record and protocol seed.\n\n"
+        + markdown_table(choices(scored), CHOICE_COLUMNS)
+    )
     (out / "cells.json").write_text(json.dumps(list(results.rows), indent=1))
     (out / "timings.json").write_text(json.dumps(list(results.timings), indent=1))
     # the page: every column (intervals folded into their metric), the protocol in its own sentence, the PNGs inline

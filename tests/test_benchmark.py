@@ -21,7 +21,7 @@ from fire_bench.atomic import write_atomically
 from fire_bench.cells import Cell, record_fingerprint, run_cell
 from fire_bench.executors import LocalExecutor, create_executor
 from fire_bench.grid import DefenseSpec, Protocol, load_grid
-from fire_bench.report import latency_check, leaderboard
+from fire_bench.report import latency_check, leaderboard, pivot_markdown
 from fire_bench.runner import grid_cells, run_grid
 from fire_defense import FireDefenseError, UnknownNameError
 from fire_defense.metrics import REJECTED, auroc, backdoor_metrics, defense_effectiveness_rating
@@ -149,6 +149,18 @@ def test_metrics_against_hand_computed_values():
     assert board["d1"]["der"] == pytest.approx(((0.8 + 1) / 2 + (0.6 - 0.1 + 1) / 2) / 2)  # per seed, then mean
     assert board["none"]["der"] == pytest.approx(0.5) and board["d1"]["seeds"] == 2  # the k-curve row is not in it
     assert board["d1"]["latency_b1_ratio"] == 3.0 and "latency_b1_ratio" not in board["none"]
+    # record seeds pool as protocol seeds do: a second record of the same attack joins its row, another attack not
+    again = [{**c, "record": "r-seed1", "test_acc": c["test_acc"] - 0.1} for c in cells if c["seed"] == 0]
+    other = [{**c, "record": "q", "attack_name": "a-all2all"} for c in cells]
+    rows = {(r["attack_name"], r["defense_name"]): r for r in leaderboard(cells + again + other, timings)}
+    assert len(rows) == 4 and (rows["a", "d1"]["seeds"], rows["a", "d1"]["records"]) == (3, 2)
+    assert (
+        rows["a", "d1"]["test_acc"] == pytest.approx((0.9 + 0.7 + 0.8) / 3) and rows["a-all2all", "d1"]["records"] == 1
+    )
+    assert rows["a", "d1"]["test_acc_std"] == pytest.approx(np.std([0.9, 0.7, 0.8]))
+    pivot = pivot_markdown(leaderboard(cells + again + other, timings)).splitlines()
+    assert pivot[:4] == ["## d, b", "", "| defense | a | a-all2all | mean |", "|---|---|---|---|"]
+    assert pivot[5] == "| d1 | 80.0 / 26.7 / 73.3 | 80.0 / 30.0 / 70.0 | 80.0 / 28.3 / 71.7 |"
 
 
 def test_the_latency_check_says_when_the_undefended_ratio_is_off():
@@ -329,6 +341,13 @@ def test_a_grid_end_to_end_and_a_rerun_recomputes_nothing(records, tmp_path):
     summary = (out / "summary.txt").read_text()
     assert "Mean over attacks" in summary and "latency check: " in summary
     assert "latency check: " in (out / "leaderboard.md").read_text()
+    chosen = (out / "choices.md").read_text().splitlines()  # where FIRE acted, per record and seed
+    fire_cells = [c for c in cells if c["defense_name"] == "fire" and c["table"] == "leaderboard"]
+    fire_lines = [line for line in chosen if "| fire |" in line]
+    assert len(fire_lines) == len(fire_cells) == 2
+    assert all(f"| {cell['layers']} |" in line for cell, line in zip(fire_cells, fire_lines, strict=True))
+    assert not [line for line in chosen if "| none |" in line]
+    assert "| fire |" in (out / "pivot.md").read_text()
 
     again = Recording()  # no cell runs again, and no latency cell is timed again (new timings would differ)
     assert run_grid(grid, out, executor=again) == results and again.given == []

@@ -10,10 +10,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from fire_bench.defenses import Threshold, create_defense
+from fire_bench.defenses.gradcam import grad_cam
 from fire_bench.defenses.sentinet import SentiNet, _boundary_points, _fit_curve
-from fire_defense import FireDefenseError
+from fire_defense import FireDefenseError, candidate_layers
 from fire_defense.metrics import REJECTED, auroc
 
 from helpers import ForwardCounter
@@ -130,3 +132,46 @@ def test_bad_data_is_refused(tiny, fitted):
         create_defense("sentinet", **SMALL).fit(tiny.model, tiny.reference * 2 - 1)
     with pytest.raises(FireDefenseError, match="as the reference"):
         fitted.predict(tiny.test_x[:4, :, :8, :8])
+
+
+class _Tokens(nn.Module):
+    """A conv map as a ViT block's output: a class token, then the map's positions in row-major order."""
+
+    def forward(self, maps: torch.Tensor) -> torch.Tensor:
+        tokens = maps.flatten(2).transpose(1, 2)
+        return torch.cat([tokens.mean(1, keepdim=True), tokens], 1)
+
+
+class _Mean(nn.Module):
+    """The mean over positions (dim 1 of tokens, dim 2 of a flattened map), what a classifier head pools."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(1) if x.shape[-1] == 6 else x.mean(2)
+
+
+def test_grad_cam_reads_a_transformer_blocks_token_grid_as_the_map_it_holds():
+    torch.manual_seed(0)
+    conv = nn.Sequential(nn.Conv2d(1, 6, 4, stride=4), nn.ReLU())
+    head = nn.Linear(6, 3)
+    as_map = nn.Sequential(conv, nn.Flatten(2), _Mean(), head)
+    as_tokens = nn.Sequential(conv, _Tokens(), nn.Identity(), _Mean(), head)  # '2': the block's tokens (N, 17, C)
+    x = torch.rand(5, 1, 16, 16)
+    cam_map, predicted_map = grad_cam(as_map, "0", x, "test")
+    cam_tokens, predicted_tokens = grad_cam(as_tokens, "2", x, "test")
+    assert torch.equal(predicted_map, predicted_tokens)
+    torch.testing.assert_close(cam_tokens, cam_map)
+    with pytest.raises(FireDefenseError, match=r"test: layer '3' is not a convolutional map .* got shape \(5, 6\)"):
+        grad_cam(as_tokens, "3", x, "test")
+
+
+def test_a_stage_position_names_a_stage_of_any_architecture(tiny):
+    stages = candidate_layers(tiny.model)
+    for position in (0, -1):
+        assert (
+            create_defense("sentinet", layer=position, **SMALL).fit(tiny.model, tiny.reference).layer_
+            == (stages[position])
+        )
+    with pytest.raises(
+        FireDefenseError, match=rf"layer 9 is not a stage position of this model, which has {len(stages)} "
+    ):
+        create_defense("sentinet", layer=9, **SMALL).fit(tiny.model, tiny.reference)
