@@ -116,19 +116,14 @@ def pivot_markdown(board: Sequence[dict[str, Any]]) -> str:
         rows = [r for r in board if (r["dataset"], r["backbone"]) == (dataset, backbone)]
         attacks = list(dict.fromkeys(r["attack_name"] for r in rows))
         cells = {(r["defense_name"], r["attack_name"]): r for r in rows}
-        lines = [
-            f"## {dataset}, {backbone}",
-            "",
-            "| defense | " + " | ".join(attacks) + " | mean |",
-            "|---|" + "---|" * (len(attacks) + 1),
-        ]
+        table = []
         for defense in dict.fromkeys(r["defense_name"] for r in rows):
             found = [cells[defense, a] for a in attacks if (defense, a) in cells]
-            shown = [_triple(cells.get((defense, attack))) for attack in attacks]
             mean = {m: float(np.mean([r[m] for r in found])) for m in METRICS}
-            lines.append(f"| {defense} | " + " | ".join(shown) + f" | {_triple(mean)} |")
-        parts.append("\n".join(lines))
-    return "\n\n".join(parts) + "\n"
+            shown = {attack: _triple(cells.get((defense, attack))) for attack in attacks}
+            table.append({"defense": defense, **shown, "mean": _triple(mean)})
+        parts.append(f"## {dataset}, {backbone}\n\n" + markdown_table(table, ["defense", *attacks, "mean"]))
+    return "\n".join(parts)
 
 
 def _triple(row: dict[str, Any] | None) -> str:
