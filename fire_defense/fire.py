@@ -436,7 +436,9 @@ class FIRE:
                 stats,
                 torch.cat(clean_batches),
                 torch.cat(poisoned_batches),
-                build=lambda layer, layer_stats: build_repair(self.mode, layer_stats, self._alpha(layer), self.fpr, 1),
+                build=lambda layer, layer_stats, projections=None: build_repair(
+                    self.mode, layer_stats, self._alpha(layer), self.fpr, 1, projections
+                ),
                 select=self.select,
                 batch_size=self.batch_size,
                 condition=getattr(self, "condition_", None),

@@ -21,7 +21,7 @@ With ``s = <h - mean_clean, beta / |beta|>`` the projection score:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -41,6 +41,7 @@ __all__ = [
     "TargetCondition",
     "apply_repair",
     "build_repair",
+    "projection_scores",
     "repair_hook",
 ]
 
@@ -71,13 +72,26 @@ class LayerRepair(nn.Module):
             self.register_buffer("select_threshold", torch.full((), float("-inf"), **options))
 
     @torch.no_grad()
-    def refresh(self, stats: LayerStatistics, alpha: float, fpr: float, layers: int) -> LayerRepair:
-        """Recompute the buffers from ``stats`` in place (their device and dtype stay); returns ``self``."""
+    def refresh(
+        self,
+        stats: LayerStatistics,
+        alpha: float,
+        fpr: float,
+        layers: int,
+        clean_projections: torch.Tensor | None = None,
+    ) -> LayerRepair:
+        """Recompute the buffers from ``stats`` in place (their device and dtype stay); returns ``self``.
+
+        ``clean_projections``, if known: ``stats.clean_activations() @ stats.unit_basis().T.float()``,
+        ``(N, r)`` (the layer choice computes them for many repairs in one product).
+        """
         basis = stats.unit_basis()
         if basis.shape[0] != self.basis_t.shape[1]:
             raise FireDefenseError(f"the statistics hold {basis.shape[0]} directions, the repair {self.cap.numel()}.")
         center = basis @ stats.mean("clean")
-        projections = (stats.clean_activations() @ basis.T.float()).double() - center  # (N, r)
+        if clean_projections is None:
+            clean_projections = stats.clean_activations() @ basis.T.float()
+        projections = clean_projections.double() - center  # (N, r)
         values = {
             "offset": (alpha * stats.direction).view(stats.shape),
             "basis_t": basis.T,
@@ -191,8 +205,15 @@ class MatchRepair(LayerRepair):
         self._channel_shape = (-1, 1, 1) if len(shape) == 3 else (-1,)
 
     @torch.no_grad()
-    def refresh(self, stats: LayerStatistics, alpha: float, fpr: float, layers: int) -> LayerRepair:
-        super().refresh(stats, alpha, fpr, layers)
+    def refresh(
+        self,
+        stats: LayerStatistics,
+        alpha: float,
+        fpr: float,
+        layers: int,
+        clean_projections: torch.Tensor | None = None,
+    ) -> LayerRepair:
+        super().refresh(stats, alpha, fpr, layers, clean_projections)
         ratio = stats.channel_std("clean") / stats.channel_std("poisoned").clamp_min(1e-12)
         values = {
             "clean_mean": stats.mean("clean").view(stats.shape),
@@ -215,7 +236,14 @@ REPAIRS: dict[str, type[LayerRepair]] = {cls.mode: cls for cls in (ShiftRepair, 
 """The repair module of each mode."""
 
 
-def build_repair(mode: str, stats: LayerStatistics, alpha: float, fpr: float, layers: int) -> LayerRepair:
+def build_repair(
+    mode: str,
+    stats: LayerStatistics,
+    alpha: float,
+    fpr: float,
+    layers: int,
+    clean_projections: torch.Tensor | None = None,
+) -> LayerRepair:
     """A repair of ``mode`` filled from ``stats``, on their device, in the layer's dtype.
 
     Args:
@@ -224,10 +252,29 @@ def build_repair(mode: str, stats: LayerStatistics, alpha: float, fpr: float, la
         alpha: Step along ``beta``.
         fpr: Clean false-positive rate behind the caps and thresholds.
         layers: How many layers are repaired together (the gate's quantile is ``1 - fpr / layers``).
+        clean_projections: As :meth:`LayerRepair.refresh` takes them, if known.
     """
     direction = stats.direction
     repair = REPAIRS[mode](stats.shape, stats.unit_basis().shape[0], stats.dtype, direction.device)
-    return repair.refresh(stats, alpha, fpr, layers)
+    return repair.refresh(stats, alpha, fpr, layers, clean_projections)
+
+
+def projection_scores(
+    repairs: Sequence[LayerRepair], output: torch.Tensor | None = None, products: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(N, R)``: column ``j`` is ``repairs[j].score(output)`` up to rounding, all in one matrix product.
+
+    For scoring many repairs of one layer at once (the layer choice's leave-one-out repairs).
+    ``products``, if known instead of ``output``: ``output.flatten(1)`` times the repairs' first
+    unit directions, ``(N, R)``.
+    """
+    center = torch.stack([repair.center[0] for repair in repairs])
+    if products is not None:
+        return products - center.to(products)
+    if output is None:
+        raise FireDefenseError("projection_scores needs the output or its products with the directions.")
+    basis = torch.stack([repair.basis_t[:, 0] for repair in repairs], 1).to(output)
+    return torch.addmm(-center.to(output), output.flatten(1), basis)
 
 
 def repair_hook(

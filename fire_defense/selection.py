@@ -33,7 +33,7 @@ from torch import nn
 from fire_defense.errors import FireDefenseError
 from fire_defense.layers import HookHandles
 from fire_defense.metrics import predict
-from fire_defense.repair import LayerRepair, TargetCondition, repair_hook
+from fire_defense.repair import LayerRepair, TargetCondition, projection_scores, repair_hook
 from fire_defense.split import hooks_on_path, rests_after
 from fire_defense.statistics import LayerStatistics
 
@@ -57,7 +57,7 @@ def choose_layer(
     statistics: Mapping[str, LayerStatistics],
     clean: torch.Tensor,
     poisoned: torch.Tensor,
-    build: Callable[[str, LayerStatistics], LayerRepair],
+    build: Callable[..., LayerRepair],
     select: str = "repair",
     probe_clean: int = 64,
     tie: float = 0.05,
@@ -76,7 +76,9 @@ def choose_layer(
         statistics: Each candidate's statistics, gathered without repairs elsewhere.
         clean: The clean reference inputs the statistics were gathered from, in the same order.
         poisoned: The poisoned inputs the statistics were gathered from, in the same order.
-        build: Makes the repair of a candidate layer from (its name, statistics).
+        build: Makes the repair of a candidate layer from (its name, statistics); the ``holdout``
+            rule also passes the statistics' clean projections (as :func:`~fire_defense.repair.build_repair`
+            takes them) for its leave-one-out repairs, which share one product.
         select: ``'repair'``, ``'separation'`` or ``'holdout'`` (module docstring).
         probe_clean: Clean inputs the ``repair`` rule scores with.
         tie: Scores this close count as a tie (``repair`` rule).
@@ -93,11 +95,6 @@ def choose_layer(
         raise FireDefenseError(f"unknown select {select!r}; use one of {', '.join(SELECTIONS)}.")
     if weight not in WEIGHTS:
         raise FireDefenseError(f"unknown holdout weight {weight!r}; use one of {', '.join(WEIGHTS)}.")
-    candidates: Sequence[str] = list(statistics)
-    separation = {layer: statistics[layer].separation() for layer in candidates}
-    if select == "separation":
-        best = max(candidates, key=separation.__getitem__)
-        return LayerChoice(best, {layer: {"separation": separation[layer]} for layer in candidates})
     if select == "holdout":
         with torch.inference_mode():
             logits = [
@@ -108,6 +105,11 @@ def choose_layer(
         return _holdout_choice(
             model, statistics, clean, poisoned, *logits, build, condition, holdout, quantiles, weight == "confidence"
         )
+    candidates: Sequence[str] = list(statistics)
+    separation = {layer: statistics[layer].separation() for layer in candidates}
+    if select == "separation":
+        best = max(candidates, key=separation.__getitem__)
+        return LayerChoice(best, {layer: {"separation": separation[layer]} for layer in candidates})
     probe = clean[:probe_clean]
     clean_before = predict(model, probe, batch_size)
     poisoned_before = predict(model, poisoned, batch_size)
@@ -125,9 +127,14 @@ def choose_layer(
 
 def gate_threshold(scores: torch.Tensor, selected: torch.Tensor, quantile: float | None) -> float:
     """The ``quantile`` of the clean ``scores`` of the inputs a condition ``selected``; ``-inf`` for no gate."""
+    return float(_gate_thresholds(scores[:, None], selected, quantile)[0])
+
+
+def _gate_thresholds(scores: torch.Tensor, selected: torch.Tensor, quantile: float | None) -> torch.Tensor:
+    """:func:`gate_threshold` of each column of ``scores`` ``(N, R)`` (one repair's clean scores each): ``(R,)``."""
     if quantile is None or not bool(selected.any()):
-        return float("-inf")
-    return float(torch.quantile(scores[selected].double(), quantile))
+        return torch.full((scores.shape[1],), float("-inf"), dtype=torch.float64)
+    return torch.quantile(scores[selected].double(), quantile, dim=0)
 
 
 def _row_by_row(layer: str, repairs: Sequence[LayerRepair]) -> Callable:
@@ -140,11 +147,12 @@ def _row_by_row(layer: str, repairs: Sequence[LayerRepair]) -> Callable:
 
 
 def _thresholds(
-    repair: LayerRepair, clean: torch.Tensor, selected: torch.Tensor, quantiles: Sequence[float | None]
-) -> dict[float | None, float]:
-    """:func:`gate_threshold` of ``repair``'s scores on ``clean`` activations, at each quantile."""
-    scores = repair.score(clean).cpu()
-    return {q: gate_threshold(scores, selected, q) for q in quantiles}
+    repairs: Sequence[LayerRepair], products: torch.Tensor, selected: torch.Tensor, quantiles: Sequence[float | None]
+) -> dict[float | None, torch.Tensor]:
+    """:func:`gate_threshold` of each repair's clean scores at each quantile, ``{q: (R,)}``, from the clean
+    activations' ``products`` with the repairs' first directions ``(N, R)``."""
+    scores = projection_scores(repairs, products=products).cpu()
+    return {q: _gate_thresholds(scores, selected, q) for q in quantiles}
 
 
 def _holdout_choice(
@@ -154,7 +162,7 @@ def _holdout_choice(
     poisoned: torch.Tensor,
     clean_logits: torch.Tensor,
     poisoned_logits: torch.Tensor,
-    build: Callable[[str, LayerStatistics], LayerRepair],
+    build: Callable[..., LayerRepair],
     condition: TargetCondition | None,
     holdout: float,
     quantiles: Sequence[float | None],
@@ -184,8 +192,13 @@ def _holdout_choice(
         poisoned_acts = stats.poisoned_activations().view(-1, *stats.shape)
         fit_stats = stats.holdout(n_fit)
         rows = poisoned_selected.nonzero().flatten().tolist()
-        # one pass for all of them, each row repaired by the repair estimated without it (k = 1: with it)
-        repairs = [build(layer, fit_stats.leave_out(i) if len(poisoned) > 1 else fit_stats) for i in rows]
+        # the repair scored on the held-out clean inputs, then for each row the one estimated without it
+        # (k = 1: with it); they share the clean activations, so their projections are one product
+        family = [fit_stats] + [fit_stats.leave_out(i) if len(poisoned) > 1 else fit_stats for i in rows]
+        rank = fit_stats.unit_basis().shape[0]
+        products = fit_stats.clean_activations() @ torch.cat([s.unit_basis() for s in family]).T.float()
+        repair, *repairs = [build(layer, s, p) for s, p in zip(family, products.split(rank, dim=1), strict=True)]
+        thresholds = _thresholds([repair, *repairs], products[:, ::rank], selected[:n_fit], quantiles)
         # the passes resume from the kept (float32) activations where the model cuts there and they are exact
         exact = stats.dtype in (torch.float32, torch.float16, torch.bfloat16)
         rest = rests[layer] if exact and not hooks_on_path(model, [layer]) else None  # else a hook would be skipped
@@ -193,20 +206,20 @@ def _holdout_choice(
             with torch.inference_mode():
                 if rest is not None:
                     kept = poisoned_acts.to(stats.dtype)
-                    repaired = [repair(kept[i : i + 1]) for i, repair in zip(rows, repairs, strict=True)]
+                    repaired = [row_repair(kept[i : i + 1]) for i, row_repair in zip(rows, repairs, strict=True)]
                     logits = rest(torch.cat(repaired))
                 else:
                     with HookHandles(model, [(layer, _row_by_row(layer, repairs))]):
                         logits = model(poisoned[torch.as_tensor(rows, device=poisoned.device)])
             confidence, after = logits.softmax(1).cpu().max(1)
-        for row, (i, repair) in enumerate(zip(rows, repairs, strict=True)):
-            repaired_away = after[row] != int(poisoned_before[i]) and (targets is None or not bool(targets[after[row]]))
-            worth = float(confidence[row]) if by_confidence else 1.0
-            score = float(repair.score(poisoned_acts[i : i + 1])[0])
-            thresholds = _thresholds(repair, clean_acts[:n_fit], selected[:n_fit], quantiles)
+            own = torch.as_tensor(rows, device=poisoned_acts.device)  # each repair's score of its own row
+            row_scores = projection_scores(repairs, poisoned_acts[own]).diagonal().cpu()
+            away = after != poisoned_before[rows]
+            if targets is not None:
+                away &= ~targets[after]
+            worth = confidence.double() if by_confidence else torch.ones(len(rows), dtype=torch.float64)
             for q in quantiles:
-                moved[q] += worth if bool(repaired_away) and score > thresholds[q] else 0.0
-        repair = build(layer, fit_stats)
+                moved[q] += float((worth * (away & (row_scores > thresholds[q][1:]))).sum())
         candidates = held[selected[n_fit:]]
         after_clean = before[candidates]
         if len(candidates) and rest is not None:
@@ -217,9 +230,8 @@ def _holdout_choice(
             with HookHandles(model, [(layer, repair_hook(layer, repair))]):
                 after_clean = torch.as_tensor(predict(model, clean[candidates.to(clean.device)]))
         held_scores = repair.score(clean_acts[candidates]).cpu()
-        thresholds = _thresholds(repair, clean_acts[:n_fit], selected[:n_fit], quantiles)
         for q in quantiles:
-            changed = int(((after_clean != before[candidates]) & (held_scores > thresholds[q])).sum())
+            changed = int(((after_clean != before[candidates]) & (held_scores > thresholds[q][0])).sum())
             entry = {
                 "holdout": moved[q] / len(poisoned) - changed / len(held),
                 "moved": moved[q] / len(poisoned),

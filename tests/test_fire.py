@@ -562,6 +562,39 @@ def test_holdout_statistics_leave_out_what_they_score():
     )
 
 
+def test_statistics_of_tokens_and_flat_layers_pool_per_channel():
+    from fire_defense.statistics import LayerStatistics
+
+    for shape, axes in (((3, 4, 4), (0, 2, 3)), ((5, 6), (0, 1)), ((7,), (0,))):
+        batch = torch.randn(20, *shape) + 2.0
+        stats = LayerStatistics(torch.Size(shape), batch.dtype)
+        stats.add("clean", batch[:7])
+        stats.add("clean", batch[7:])
+        exact = batch.double()
+        torch.testing.assert_close(stats.channel_sums["clean"], exact.sum(axes))
+        torch.testing.assert_close(stats.channel_squares["clean"], exact.square().sum(axes))
+
+
+def test_projection_scores_are_each_repairs_score():
+    from fire_defense.repair import build_repair, projection_scores
+    from fire_defense.statistics import LayerStatistics
+
+    stats = LayerStatistics(torch.Size((3, 4, 4)), torch.float32, keep_poisoned=True)
+    stats.add("clean", torch.randn(30, 3, 4, 4))
+    stats.add("poisoned", torch.randn(4, 3, 4, 4) + 1.0)
+    repairs = [build_repair("match", stats.leave_out(i), 1.0, 0.01, 1) for i in range(4)]
+    outputs = torch.randn(6, 3, 4, 4)
+    expected = torch.stack([repair.score(outputs) for repair in repairs], 1)
+    torch.testing.assert_close(projection_scores(repairs, outputs), expected)
+    directions = torch.stack([repair.basis_t[:, 0] for repair in repairs], 1)
+    torch.testing.assert_close(projection_scores(repairs, products=outputs.flatten(1) @ directions), expected)
+    assert not torch.allclose(expected[:, 0], expected[:, 1])  # the repairs differ, so the columns must
+    known = stats.clean_activations() @ stats.unit_basis().T.float()
+    given, computed = build_repair("gate", stats, 1.0, 0.1, 1, known), build_repair("gate", stats, 1.0, 0.1, 1)
+    for name, buffer in computed.state_dict().items():
+        torch.testing.assert_close(given.state_dict()[name], buffer, msg=name)
+
+
 def test_holdout_choice_scores_every_candidate_on_held_out_inputs(backdoored):
     model, reference, seen, *_, poisoned_x, poisoned_y = backdoored
     fire = FIRE(model, layers="auto", mode="match", condition="target", select="holdout").fit(reference, poisoned=seen)

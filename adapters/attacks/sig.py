@@ -12,7 +12,7 @@ clean accuracy on that class collapses (measured on Fashion-MNIST with the embed
 83.8% clean accuracy at 0.1). 0.05 poisons half of the target class. On MNIST it implants only
 half-way (54.4% ASR: the model tells a 0 by its shape), and 0.1 is no remedy there either: 98.2%
 ASR, but clean accuracy falls from 99.4% to 89.8% (every clean 0 goes to 6), and 0.08 implants
-less than 0.05 (51.4%); delta 60 reaches 73.4% (``docs/attacks.md``). No MNIST-specific default
+less than 0.05 (51.4%); delta 60 reaches 73.4%, delta 80 99.9% (``docs/attacks.md``). No MNIST-specific default
 is set.
 """
 
