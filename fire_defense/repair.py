@@ -98,11 +98,16 @@ class LayerRepair(nn.Module):
             "center": center,
             "cap": torch.quantile(projections, 1 - fpr, dim=0),
             "threshold": torch.quantile(projections[:, 0], 1 - fpr / layers),
+            **self._mode_buffers(stats, alpha),
         }
         with torch.inference_mode(False):
             for name, value in values.items():
                 getattr(self, name).copy_(value)
         return self
+
+    def _mode_buffers(self, stats: LayerStatistics, alpha: float) -> dict[str, torch.Tensor]:
+        """The values of the buffers a mode adds, by name (:meth:`refresh` copies them in); none here."""
+        return {}
 
     def score(self, output: torch.Tensor) -> torch.Tensor:
         """``(N,)``: the projection score ``s`` on the first unit direction."""
@@ -204,27 +209,14 @@ class MatchRepair(LayerRepair):
             self.register_buffer("alpha", torch.ones((), dtype=dtype, device=device))
         self._channel_shape = (-1, 1, 1) if len(shape) == 3 else (-1,)
 
-    @torch.no_grad()
-    def refresh(
-        self,
-        stats: LayerStatistics,
-        alpha: float,
-        fpr: float,
-        layers: int,
-        clean_projections: torch.Tensor | None = None,
-    ) -> LayerRepair:
-        super().refresh(stats, alpha, fpr, layers, clean_projections)
+    def _mode_buffers(self, stats: LayerStatistics, alpha: float) -> dict[str, torch.Tensor]:
         ratio = stats.channel_std("clean") / stats.channel_std("poisoned").clamp_min(1e-12)
-        values = {
+        return {
             "clean_mean": stats.mean("clean").view(stats.shape),
             "poisoned_mean": stats.mean("poisoned").view(stats.shape),
             "scale": ratio.clamp_max(self.MAX_SCALE),
             "alpha": torch.tensor(alpha),
         }
-        with torch.inference_mode(False):
-            for name, value in values.items():
-                getattr(self, name).copy_(value)
-        return self
 
     def forward(self, output: torch.Tensor) -> torch.Tensor:
         scale = self.scale.to(output).view(self._channel_shape)
