@@ -52,11 +52,13 @@ class LayerStatistics:
     def add(self, stream: str, activations: torch.Tensor) -> None:
         """Add a batch ``(N, *shape)`` of ``stream``'s activations."""
         flat = activations.flatten(1)
-        sums = flat.sum(0, dtype=torch.float64)
+        position_sums = flat.sum(0, dtype=torch.float64)
         axes = channel_axes(self.shape)
         # accumulated in float64 without a float64 copy of the batch (which cost more than the sums)
         squares = torch.linalg.vector_norm(activations, dim=axes, dtype=torch.float64).square()
-        totals = {"sums": sums, "channel_sums": _per_channel(sums, self.shape), "channel_squares": squares}
+        positions = tuple(axis - 1 for axis in axes[1:])  # the per-position sums pooled over the same axes
+        channel_sums = position_sums.view(self.shape).sum(positions) if positions else position_sums
+        totals = {"sums": position_sums, "channel_sums": channel_sums, "channel_squares": squares}
         for name, total in totals.items():
             sums = getattr(self, name)
             sums[stream] = sums[stream] + total if stream in sums else total
@@ -198,13 +200,6 @@ class LayerStatistics:
                 raise FireDefenseError(f"a FIRE state's basis is {tuple(basis.shape)}, not (r, {size}); save it again.")
             stats.basis = basis.to(device, torch.float64)
         return stats
-
-
-def _per_channel(sums: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Flat per-position ``sums`` of a layer of ``shape`` pooled per channel (:func:`channel_axes`)."""
-    if len(shape) == 3:
-        return sums.view(shape[0], -1).sum(1)
-    return sums.view(-1, shape[-1]).sum(0)
 
 
 def _finite(value: Any, name: str) -> torch.Tensor:
